@@ -1,0 +1,183 @@
+"""`automl`: generate data, ingest files, register predictions, materialise partitions, read scores, run the demo."""
+
+import argparse
+import os
+import shutil
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pandas as pd
+
+DEFAULT_DAGSTER_HOME = ".dagster_home"
+
+
+def _instance():
+    """The Dagster instance the UI reads (DAGSTER_HOME; ./.dagster_home when unset)."""
+    import dagster as dg
+
+    home = Path(os.environ.setdefault("DAGSTER_HOME", str(Path(DEFAULT_DAGSTER_HOME).resolve())))
+    home.mkdir(parents=True, exist_ok=True)
+    return dg.DagsterInstance.get()
+
+
+def _storage():
+    from resources.environments import resources_for_env
+
+    return resources_for_env()["storage"]
+
+
+def _parse_time(text: str) -> datetime:
+    moment = datetime.fromisoformat(text)
+    return moment.replace(tzinfo=timezone.utc) if moment.tzinfo is None else moment.astimezone(timezone.utc)
+
+
+def cmd_register(args) -> int:
+    from automl_assets.core.spec import load_spec
+    from automl_assets.predictions import register_prediction
+
+    spec = load_spec(args.spec)
+    added = register_prediction(_instance(), _storage(), spec)
+    print(f"{'registered' if added else 'updated'} prediction '{spec.name}' ({spec.description or spec.outcome.event})")
+    return 0
+
+
+def cmd_ingest(args) -> int:
+    import json
+
+    from automl_assets.core import event_store, layout
+    from automl_assets.core.ingest import ColumnMapping
+    from automl_assets.core.timewin import HOUR, hour_from_token
+    from automl_assets.runs import run_event_store
+
+    storage = _storage()
+    mapping = ColumnMapping.from_dict(json.loads(args.mapping)) if args.mapping else None
+    hours = set()
+    for source in map(Path, args.paths):
+        manifest = event_store.stage_file(storage, source, args.format, mapping)
+        # Keep the raw file in landing/ (with its mapping) so a rebuild of the store finds it again.
+        folder = Path(storage.path(*layout.landing(), manifest["digest"]))
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(source, folder / source.name)
+        if mapping:
+            (folder / event_store.MAPPING_FILE).write_text(args.mapping)
+        hours.update(hour_from_token(token) for token in manifest["hours"])
+        print(f"{source}: {manifest['events']} events in {len(manifest['hours'])} hours, quarantined {manifest['quarantined'] or 'none'}")
+    if not hours:
+        print("no valid events: nothing to materialise")
+        return 1
+    run_event_store(_instance(), min(hours), max(hours) + HOUR)
+    print(f"materialised events and hourly_rollups for {len(hours)} hours through Dagster")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from automl_assets.core import event_store, layout
+    from automl_assets.core.synthetic import SyntheticConfig, generate_events, write_amplitude_export
+
+    config = SyntheticConfig(n_users=args.users, end=_parse_time(args.end), weeks=args.weeks, seed=args.seed)
+    storage = _storage()
+    total = 0
+    for chunk in generate_events(config):
+        total += chunk.num_rows
+        if args.direct:
+            event_store.write_events(storage, chunk)
+        else:
+            write_amplitude_export(chunk, Path(storage.path(*layout.landing(), f"synthetic-seed{args.seed}")))
+    where = "the event store" if args.direct else "landing/ as Amplitude export files"
+    print(f"generated {total:,} events for {args.users:,} users over {args.weeks} weeks into {where}")
+    return 0
+
+
+def cmd_materialize(args) -> int:
+    from automl_assets.core.timewin import hour_from_key
+    from automl_assets.runs import run_prediction
+
+    result = run_prediction(_instance(), args.prediction, hour_from_key(args.hour), args.scope)
+    print(f"run {result.run_id} succeeded for {args.prediction} at {args.hour}")
+    return 0
+
+
+def latest_scores_for(storage, user_id: str, prediction: str | None = None) -> pd.DataFrame:
+    from automl_assets.core import layout
+
+    frames = []
+    for folder in storage.list_dir("scores_latest"):
+        name = folder.removeprefix("prediction=")
+        if prediction in (None, name) and storage.exists(*layout.latest_scores(name)):
+            table = storage.read_table(*layout.latest_scores(name)).to_pandas()
+            frames.append(table[table["user_id"] == user_id])
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def cmd_scores(args) -> int:
+    found = latest_scores_for(_storage(), args.user, args.prediction)
+    if found.empty:
+        print(f"no scores for user {args.user!r}" + (f" in {args.prediction}" if args.prediction else ""))
+        return 1
+    print(found.to_string(index=False))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from automl_assets.demo import run_demo
+
+    return run_demo(users=args.users, weeks=args.weeks, seed=args.seed, end=_parse_time(args.end) if args.end else None)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="automl", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    demo = commands.add_parser("demo", help="synthetic events -> calibrated scores, through Dagster")
+    demo.add_argument("--users", type=int, default=3000)
+    demo.add_argument("--weeks", type=int, default=10)
+    demo.add_argument("--seed", type=int, default=7)
+    demo.add_argument("--end", help="end of the generated history (ISO, UTC); default: the last midnight UTC")
+    demo.set_defaults(func=cmd_demo)
+
+    register = commands.add_parser("register", help="validate a prediction spec and add it as a partition")
+    register.add_argument("spec")
+    register.set_defaults(func=cmd_register)
+
+    ingest = commands.add_parser("ingest", help="ingest Amplitude / Segment / CSV / parquet files into the store")
+    ingest.add_argument("paths", nargs="+")
+    ingest.add_argument("--format", choices=["amplitude", "segment", "csv", "parquet"])
+    ingest.add_argument("--mapping", help='JSON column mapping for CSV/parquet, e.g. \'{"user_id": "uid"}\'')
+    ingest.set_defaults(func=cmd_ingest)
+
+    generate = commands.add_parser("generate", help="synthetic events with planted signal")
+    generate.add_argument("--users", type=int, default=3000)
+    generate.add_argument("--weeks", type=int, default=10)
+    generate.add_argument("--seed", type=int, default=0)
+    generate.add_argument("--end", required=True, help="exclusive end of the history (ISO, UTC)")
+    generate.add_argument("--direct", action="store_true", help="write into the store instead of landing/")
+    generate.set_defaults(func=cmd_generate)
+
+    materialize = commands.add_parser("materialize", help="run a prediction's chain for one hour partition")
+    materialize.add_argument("prediction")
+    materialize.add_argument("hour", help="hour partition key, e.g. 2026-03-01-23:00")
+    materialize.add_argument("--scope", choices=["auto", "active", "cohort"], default="auto")
+    materialize.set_defaults(func=cmd_materialize)
+
+    scores = commands.add_parser("scores", help="a user's latest scores")
+    scores.add_argument("user")
+    scores.add_argument("--prediction")
+    scores.set_defaults(func=cmd_scores)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from automl_assets.core.ingest import IngestError
+    from automl_assets.core.spec import SpecError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (SpecError, IngestError, ValueError, RuntimeError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,44 @@
+"""Cohort: the users a prediction trains on (as of the training cutoff) and scores (as of the partition's end)."""
+
+import dagster as dg
+from dagster_pyspark import LazyPySparkResource
+
+from automl_assets.core.feature_sql import cohort_query
+from automl_assets.core.spark_jobs import prepare, register_rollups, write_frame
+from automl_assets.core.timewin import HOUR, epoch_hour, hours_between
+from automl_assets.features import cutoffs
+from automl_assets.partitions import prediction_hour_partitions
+from automl_assets.predictions import prediction_run
+from automl_assets.taxonomy import PREDICTION_GROUP, SAME_HOUR
+from automl_assets.events import hourly_rollups
+from resources.storage import LocalStorage
+
+
+@dg.asset(
+    partitions_def=prediction_hour_partitions,
+    deps=[dg.AssetDep(hourly_rollups, partition_mapping=SAME_HOUR)],
+    group_name=PREDICTION_GROUP,
+    kinds={"spark", "parquet"},
+    description="Users active within the spec's `cohort.active_within` before each cutoff whose latest user "
+    "properties match `cohort.where`; `active_last_hour` marks the hourly scoring set.",
+)
+def cohort(context: dg.AssetExecutionContext, storage: LocalStorage, spark: LazyPySparkResource) -> dg.MaterializeResult:
+    run = prediction_run(context, storage)
+    session = prepare(spark.spark_session)
+    spec = run.spec
+    active_hours = int(spec.active_within_delta / HOUR)
+    earliest = min(run.times.train_cutoff - spec.active_within_delta, run.times.train_lookback_start)
+    register_rollups(session, storage, hours_between(earliest, run.times.as_of))
+    rows = {}
+    for role, cutoff in cutoffs(run).items():
+        query = cohort_query(epoch_hour(cutoff), active_hours, spec.lookback_weeks, dict(spec.cohort.where))
+        rows[role] = write_frame(session.sql(query), storage, run.parts("cohort", role))
+    if rows["train"] == 0:
+        raise dg.Failure(
+            f"the training cohort of {run.prediction} as of {run.times.train_cutoff.isoformat()} is empty: no user "
+            f"was active within {spec.cohort.active_within} (filter {dict(spec.cohort.where)}); check the filter "
+            "or materialise more history."
+        )
+    return dg.MaterializeResult(
+        metadata={"train_users": rows["train"], "infer_users": rows["infer"], **run.describe()}
+    )

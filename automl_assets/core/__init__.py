@@ -1,0 +1,1 @@
+"""Pure data and ML functions: no Dagster imports here, so each piece is testable alone."""

@@ -1,0 +1,139 @@
+"""The hour-partitioned event lake: staging raw files once, and merging them into hour files without duplicates.
+
+A landing file is parsed once (keyed by the digest of its bytes) into per-hour chunks under staging/; an hour of the
+event store is the deduplicated union of its current file and every staged chunk of that hour. Both steps are
+idempotent, so ingesting the same file twice, or re-running an hour, changes nothing.
+"""
+
+import hashlib
+import json
+from collections import Counter
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from automl_assets.core import layout
+from automl_assets.core.ingest import ColumnMapping, dedupe_events, read_events
+from automl_assets.core.schema import EVENT_SCHEMA
+from automl_assets.core.timewin import from_epoch_hour, hour_token
+
+MAPPING_FILE = "_mapping.json"  # a landing folder's column mapping for its CSV/parquet files
+_MICROS_PER_HOUR = 3_600_000_000
+
+
+def file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:20]
+
+
+def slices_by_key(table: pa.Table, keys: np.ndarray) -> dict[int, pa.Table]:
+    """Rows grouped by an integer key per row (one stable sort, then slices: linear in the table)."""
+    if table.num_rows == 0:
+        return {}
+    order = np.argsort(keys, kind="stable")
+    ordered = table.take(pa.array(order))
+    sorted_keys = keys[order]
+    cuts = np.flatnonzero(np.diff(sorted_keys)) + 1
+    starts = np.concatenate([[0], cuts])
+    ends = np.concatenate([cuts, [len(sorted_keys)]])
+    return {int(sorted_keys[s]): ordered.slice(s, e - s) for s, e in zip(starts, ends)}
+
+
+def split_by_hour(table: pa.Table) -> dict[datetime, pa.Table]:
+    """Events grouped by the UTC hour of event_time."""
+    micros = pc.cast(table["event_time"], pa.int64()).to_numpy() if table.num_rows else np.array([], dtype=np.int64)
+    return {from_epoch_hour(key): chunk for key, chunk in slices_by_key(table, micros // _MICROS_PER_HOUR).items()}
+
+
+def landing_files(storage) -> list[Path]:
+    root = Path(storage.path(*layout.landing()))
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith((".", "_")))
+
+
+def _mapping_for(path: Path) -> ColumnMapping | None:
+    mapping_file = path.parent / MAPPING_FILE
+    return ColumnMapping.from_dict(json.loads(mapping_file.read_text())) if mapping_file.exists() else None
+
+
+def stage_file(storage, path: Path, fmt: str | None = None, mapping: ColumnMapping | None = None) -> dict:
+    """Parse one raw file into staged hour chunks and its quarantine; returns its manifest. A file already staged
+    (same bytes) is not parsed again."""
+    digest = file_digest(path)
+    manifest_parts = (*layout.staging(digest), "manifest.json")
+    if storage.exists(*manifest_parts):
+        return dict(storage.read_json(*manifest_parts), newly_staged=False)
+    result = read_events(path, fmt, mapping or _mapping_for(path))
+    chunks = split_by_hour(result.events)
+    for hour, chunk in chunks.items():
+        storage.write_table(chunk, *layout.staging(digest), f"hour={hour_token(hour)}.parquet")
+    if result.quarantine.num_rows:
+        storage.write_table(result.quarantine, *layout.quarantine(digest))
+    manifest = {
+        "source": str(path),
+        "digest": digest,
+        "hours": sorted(hour_token(hour) for hour in chunks),
+        "events": result.events.num_rows,
+        "duplicates_in_file": result.duplicates,
+        "quarantined": result.reason_counts(),
+    }
+    # The manifest is written last: its presence means the file is staged completely.
+    storage.write_json(manifest, *manifest_parts)
+    return dict(manifest, newly_staged=True)
+
+
+def stage_landing(storage) -> list[dict]:
+    return [stage_file(storage, path) for path in landing_files(storage)]
+
+
+def staged_manifests(storage) -> list[dict]:
+    manifests = []
+    for digest in storage.list_dir("staging"):
+        parts = (*layout.staging(digest), "manifest.json")
+        if storage.exists(*parts):
+            manifests.append(storage.read_json(*parts))
+    return manifests
+
+
+def merge_hours(storage, hours: list[datetime], manifests: list[dict]) -> dict[str, int]:
+    """Rewrite each hour of the store as its deduplicated union with the staged chunks of that hour."""
+    chunks_by_hour: dict[str, list[str]] = {}
+    for manifest in manifests:
+        for token in manifest["hours"]:
+            chunks_by_hour.setdefault(token, []).append(manifest["digest"])
+    totals: Counter = Counter()
+    for hour in hours:
+        token = hour_token(hour)
+        target = layout.events_hour(hour)
+        existing = storage.read_table(*target) if storage.exists(*target) else None
+        staged = [storage.read_table(*layout.staging(d), f"hour={token}.parquet") for d in sorted(chunks_by_hour.get(token, []))]
+        if existing is None and not staged:
+            continue
+        before = existing.num_rows if existing is not None else 0
+        merged = dedupe_events(*([existing] if existing is not None else []), *staged)
+        if existing is None or merged.num_rows != before:
+            storage.write_table(merged, *target)
+        totals["hours_with_events"] += 1
+        totals["events"] += merged.num_rows
+        totals["new_events"] += merged.num_rows - before
+        totals["duplicates_dropped"] += sum(t.num_rows for t in staged) - (merged.num_rows - before)
+    return dict(totals)
+
+
+def write_events(storage, table: pa.Table) -> list[datetime]:
+    """Write canonical events straight into the store (generators, benchmarks), deduplicated with what is there."""
+    table = table.cast(EVENT_SCHEMA)
+    touched = []
+    for hour, chunk in split_by_hour(table).items():
+        target = layout.events_hour(hour)
+        merged = dedupe_events(storage.read_table(*target), chunk) if storage.exists(*target) else dedupe_events(chunk)
+        storage.write_table(merged, *target)
+        touched.append(hour)
+    return touched

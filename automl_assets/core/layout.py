@@ -1,0 +1,57 @@
+"""Where everything lives in the store, relative to its root. One place, tested with exact paths.
+
+Hours appear as `hour=YYYY-MM-DDTHH` (no ':' as in Dagster's keys, which S3 and Spark paths handle badly), so the
+store also reads as a Hive-partitioned lake.
+"""
+
+from datetime import datetime
+
+from automl_assets.core.timewin import hour_token
+
+ROLLUP_KINDS = ("counts", "props", "users")
+
+
+def landing() -> tuple[str, ...]:
+    return ("landing",)
+
+
+def staging(file_digest: str) -> tuple[str, ...]:
+    return ("staging", file_digest)
+
+
+def quarantine(file_digest: str) -> tuple[str, ...]:
+    return ("quarantine", f"{file_digest}.parquet")
+
+
+def events_root() -> tuple[str, ...]:
+    return ("events",)
+
+
+def events_hour(hour_start: datetime) -> tuple[str, ...]:
+    return ("events", f"hour={hour_token(hour_start)}", "events.parquet")
+
+
+def rollup_root(kind: str) -> tuple[str, ...]:
+    if kind not in ROLLUP_KINDS:
+        raise ValueError(f"unknown rollup kind {kind!r}; expected one of {ROLLUP_KINDS}")
+    return ("rollups", kind)
+
+
+def rollup_hour(kind: str, hour_start: datetime) -> tuple[str, ...]:
+    return (*rollup_root(kind), f"hour={hour_token(hour_start)}")
+
+
+def spec_file(prediction: str) -> tuple[str, ...]:
+    return ("specs", f"{prediction}.yaml")
+
+
+def prediction_asset_root(prediction: str, asset: str) -> tuple[str, ...]:
+    return ("predictions", prediction, asset)
+
+
+def prediction_asset(prediction: str, asset: str, hour_start: datetime, *name: str) -> tuple[str, ...]:
+    return (*prediction_asset_root(prediction, asset), f"hour={hour_token(hour_start)}", *name)
+
+
+def latest_scores(prediction: str) -> tuple[str, ...]:
+    return ("scores_latest", f"prediction={prediction}", "latest.parquet")

@@ -1,0 +1,184 @@
+"""SageMaker entry script: ``train`` fits the candidates and saves the winner; ``transform`` scores parquet files.
+
+Runs standalone, in a SageMaker container or locally in a subprocess with the same conventions:
+
+    python -m automl_assets.core.sagemaker_entry train|transform
+    python automl_assets/core/sagemaker_entry.py train|transform
+
+Paths come from SageMaker's environment variables and default to its /opt/ml layout:
+SM_MODEL_DIR (/opt/ml/model), SM_CHANNEL_TRAIN (/opt/ml/input/data/train), SM_CHANNEL_INPUT (/opt/ml/input/data/input),
+SM_OUTPUT_DATA_DIR (/opt/ml/output/data), SM_OUTPUT_DIR (/opt/ml/output: the ``failure`` file),
+SM_INPUT_CONFIG_DIR (/opt/ml/input/config: ``hyperparameters.json``, read when SM_HPS is not set).
+
+train: the channel holds ``matrix.parquet`` and optionally ``matrix.tfrecord``. Hyperparameters, all optional:
+``models`` (JSON list), ``feature_columns`` (JSON list; default: the matrix's columns other than user_id and label, in
+file order, which also avoids SageMaker's 2,500-character limit on one hyperparameter), ``validation_fraction``,
+``max_training_users``, ``seed``. Writes the model to SM_MODEL_DIR (training.save_model), and
+``validation_predictions.parquet`` (user_id, raw_score, label) and ``metrics.json`` to SM_OUTPUT_DATA_DIR.
+
+transform: every ``*.parquet`` file under SM_CHANNEL_INPUT (user_id + feature columns), read in batches, is scored into
+SM_OUTPUT_DATA_DIR/``scores.parquet`` (user_id, raw_score).
+
+On failure either mode writes the reason to the failure file and exits with status 1, as SageMaker expects.
+The serving hooks ``model_fn``, ``input_fn``, ``predict_fn`` and ``output_fn`` at the bottom serve the same model
+from SageMaker's framework containers (endpoints and batch transform).
+"""
+
+import io
+import json
+import logging
+import os
+import sys
+import traceback
+from pathlib import Path
+
+if __package__ in (None, ""):
+    # Run as a file (SageMaker runs `python <entry point>`): make the project root importable.
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from automl_assets.core.training import load_model, save_model, train_candidates
+
+log = logging.getLogger("automl_assets.sagemaker_entry")
+
+SM_ROOT = Path("/opt/ml")
+# Hyperparameters passed to train_candidates, with the type each is cast to.
+HYPERPARAMETERS = {
+    "models": tuple,
+    "validation_fraction": float,
+    "max_training_users": int,
+    "seed": int,
+}
+TRANSFORM_BATCH_ROWS = 100_000
+SCORES_SCHEMA = pa.schema([("user_id", pa.string()), ("raw_score", pa.float64())])
+JSON = "application/json"
+PARQUET = "application/x-parquet"
+
+
+def _sm_path(variable: str, default: str) -> Path:
+    return Path(os.environ.get(variable, SM_ROOT / default))
+
+
+def _decode(value):
+    """SageMaker passes hyperparameters as strings: decode the JSON-typed ones ("0.2", "[...]"), keep the others."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return json.loads(value)
+    except ValueError:
+        return value
+
+
+def read_hyperparameters() -> dict:
+    if "SM_HPS" in os.environ:
+        raw = json.loads(os.environ["SM_HPS"])
+    else:
+        config = _sm_path("SM_INPUT_CONFIG_DIR", "input/config") / "hyperparameters.json"
+        raw = json.loads(config.read_text()) if config.exists() else {}
+    # Framework containers add their own sagemaker_* entries (program, submit directory, region...).
+    hyperparameters = {key: _decode(value) for key, value in raw.items() if not key.startswith("sagemaker_")}
+    unknown = sorted(set(hyperparameters) - set(HYPERPARAMETERS) - {"feature_columns"})
+    if unknown:
+        raise ValueError(f"unknown hyperparameters {unknown}; known: {sorted([*HYPERPARAMETERS, 'feature_columns'])}")
+    return hyperparameters
+
+
+def train() -> None:
+    hyperparameters = read_hyperparameters()
+    channel = _sm_path("SM_CHANNEL_TRAIN", "input/data/train")
+    matrix = pd.read_parquet(channel / "matrix.parquet")
+    feature_columns = hyperparameters.get("feature_columns") or [
+        column for column in matrix.columns if column not in ("user_id", "label")
+    ]
+    tfrecord = channel / "matrix.tfrecord"
+    outcome = train_candidates(
+        matrix,
+        feature_columns,
+        tfrecord_path=tfrecord if tfrecord.exists() else None,
+        **{key: cast(hyperparameters[key]) for key, cast in HYPERPARAMETERS.items() if key in hyperparameters},
+    )
+    save_model(outcome, _sm_path("SM_MODEL_DIR", "model"))
+    output = _sm_path("SM_OUTPUT_DATA_DIR", "output/data")
+    output.mkdir(parents=True, exist_ok=True)
+    outcome.validation_predictions.to_parquet(output / "validation_predictions.parquet", index=False)
+    (output / "metrics.json").write_text(json.dumps(outcome.summary(), indent=2))
+    for name, metrics in outcome.metrics.items():
+        # One line per candidate in a shape that SageMaker metric definitions can match with a regex.
+        log.info("%s validation:auc=%.6f validation:log_loss=%.6f", name, metrics["auc"], metrics["log_loss"])
+    log.info("chosen model: %s", outcome.chosen)
+
+
+def transform() -> None:
+    model = model_fn(_sm_path("SM_MODEL_DIR", "model"))
+    source = _sm_path("SM_CHANNEL_INPUT", "input/data/input")
+    # is_file: Spark writes datasets as directories named like files (matrix.parquet/part-0000.parquet).
+    files = sorted(path for path in source.rglob("*.parquet") if path.is_file())
+    if not files:
+        raise FileNotFoundError(f"no parquet files under {source}")
+    output = _sm_path("SM_OUTPUT_DATA_DIR", "output/data")
+    output.mkdir(parents=True, exist_ok=True)
+    columns = ["user_id", *model.feature_columns]
+    rows = 0
+    with pq.ParquetWriter(output / "scores.parquet", SCORES_SCHEMA) as writer:
+        for path in files:
+            for batch in pq.ParquetFile(path).iter_batches(batch_size=TRANSFORM_BATCH_ROWS, columns=columns):
+                scores = predict_fn(batch.to_pandas(), model)
+                writer.write_table(pa.Table.from_pandas(scores, schema=SCORES_SCHEMA, preserve_index=False))
+                rows += len(scores)
+    log.info("scored %d rows from %d files", rows, len(files))
+
+
+def model_fn(model_dir):
+    return load_model(model_dir)
+
+
+def input_fn(request_body, request_content_type: str) -> pd.DataFrame:
+    """JSON (a list of row objects, or an object of columns) or parquet bytes, holding user_id and the features."""
+    if request_content_type == JSON:
+        return pd.DataFrame(json.loads(request_body))
+    if request_content_type == PARQUET:
+        return pd.read_parquet(io.BytesIO(request_body))
+    raise ValueError(f"unsupported content type {request_content_type!r}: send {JSON} or {PARQUET}")
+
+
+def predict_fn(input_data: pd.DataFrame, model) -> pd.DataFrame:
+    return pd.DataFrame({"user_id": input_data["user_id"].to_numpy(), "raw_score": model.predict(input_data)})
+
+
+def output_fn(prediction: pd.DataFrame, accept: str):
+    if accept in (JSON, "*/*"):
+        return prediction.to_json(orient="records")
+    if accept == PARQUET:
+        buffer = io.BytesIO()
+        prediction.to_parquet(buffer, index=False)
+        return buffer.getvalue()
+    raise ValueError(f"unsupported accept type {accept!r}: ask for {JSON} or {PARQUET}")
+
+
+MODES = {"train": train, "transform": transform}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        # Framework containers run the script with only `--name value` hyperparameter arguments: that is training
+        # (the values themselves are read from SM_HPS).
+        mode = argv[0] if argv and not argv[0].startswith("-") else "train"
+        if mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r}: use one of {sorted(MODES)}")
+        MODES[mode]()
+    except Exception as error:
+        failure = _sm_path("SM_OUTPUT_DIR", "output") / "failure"
+        failure.parent.mkdir(parents=True, exist_ok=True)
+        failure.write_text(f"{type(error).__name__}: {error}\n")  # SageMaker reports this as the job's FailureReason
+        traceback.print_exc()
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,135 @@
+"""Spark plumbing shared by the assets: reading hour ranges of the lake, the hourly rollups, running the
+engine-neutral feature SQL, and writing results atomically into the store."""
+
+from datetime import datetime
+
+import pyarrow as pa
+import pyarrow.dataset as ds
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import types as T
+
+from automl_assets.core import layout
+from automl_assets.core.event_store import slices_by_key
+from automl_assets.core.timewin import from_epoch_hour, hour_token
+
+_PROPERTIES = T.MapType(T.StringType(), T.StringType())
+EVENTS = T.StructType(
+    [
+        T.StructField("user_id", T.StringType()),
+        T.StructField("event_type", T.StringType()),
+        T.StructField("event_time", T.TimestampType()),
+        T.StructField("insert_id", T.StringType()),
+        T.StructField("event_properties", _PROPERTIES),
+        T.StructField("user_properties", _PROPERTIES),
+        T.StructField("revenue", T.DoubleType()),
+    ]
+)
+_ARROW_TYPES = {"string": pa.string(), "long": pa.int64(), "double": pa.float64(), "timestamp": pa.timestamp("us", tz="UTC")}
+ROLLUPS = {
+    "counts": T.StructType(
+        [
+            T.StructField("user_id", T.StringType()),
+            T.StructField("event_type", T.StringType()),
+            T.StructField("hour_idx", T.LongType()),
+            T.StructField("n", T.LongType()),
+            T.StructField("revenue", T.DoubleType()),
+        ]
+    ),
+    "props": T.StructType(
+        [
+            T.StructField("user_id", T.StringType()),
+            T.StructField("event_type", T.StringType()),
+            T.StructField("prop_key", T.StringType()),
+            T.StructField("prop_value", T.StringType()),
+            T.StructField("hour_idx", T.LongType()),
+            T.StructField("n", T.LongType()),
+        ]
+    ),
+    "users": T.StructType(
+        [
+            T.StructField("user_id", T.StringType()),
+            T.StructField("prop_key", T.StringType()),
+            T.StructField("hour_idx", T.LongType()),
+            T.StructField("first_value", T.StringType()),
+            T.StructField("first_time", T.TimestampType()),
+            T.StructField("last_value", T.StringType()),
+            T.StructField("last_time", T.TimestampType()),
+        ]
+    ),
+}
+ROLLUP_ARROW = {kind: pa.schema([pa.field(f.name, _ARROW_TYPES[f.dataType.typeName()]) for f in schema]) for kind, schema in ROLLUPS.items()}
+ROLLUP_FILE = "part-0.parquet"
+MAX_PROPERTY_VALUE_LENGTH = 100  # longer values are free text or ids: no use as categorical signal
+
+_HOUR_IDX = "CAST(FLOOR(unix_micros(event_time) / 3600000000) AS BIGINT)"
+ROLLUP_SQL = {
+    "counts": "SELECT user_id, event_type, hour_idx, COUNT(*) AS n, SUM(revenue) AS revenue "
+    "FROM ev GROUP BY user_id, event_type, hour_idx",
+    "props": "SELECT user_id, event_type, p.prop_key, p.prop_value, hour_idx, COUNT(*) AS n "
+    "FROM ev LATERAL VIEW explode(event_properties) p AS prop_key, prop_value "
+    f"WHERE length(p.prop_value) <= {MAX_PROPERTY_VALUE_LENGTH} "
+    "GROUP BY user_id, event_type, p.prop_key, p.prop_value, hour_idx",
+    # Ties at the same microsecond are broken by insert_id, so first/last values never depend on file order.
+    "users": "SELECT user_id, u.prop_key, hour_idx, "
+    "min_by(u.prop_value, struct(event_time, insert_id)) AS first_value, min(event_time) AS first_time, "
+    "max_by(u.prop_value, struct(event_time, insert_id)) AS last_value, max(event_time) AS last_time "
+    "FROM ev LATERAL VIEW explode(user_properties) u AS prop_key, prop_value "
+    "GROUP BY user_id, u.prop_key, hour_idx",
+}
+
+
+def prepare(spark: SparkSession) -> SparkSession:
+    # Set on every use, not only at build time: a Spark Connect session may have been created elsewhere.
+    spark.conf.set("spark.sql.session.timeZone", "UTC")
+    return spark
+
+
+def _existing_hour_paths(storage, root: tuple[str, ...], hours: list[datetime], leaf: tuple[str, ...]) -> list[str]:
+    present = set(storage.list_dir(*root))
+    return [storage.path(*root, name, *leaf) for name in (f"hour={hour_token(h)}" for h in hours) if name in present]
+
+
+def read_events(spark: SparkSession, storage, hours: list[datetime]) -> DataFrame:
+    paths = _existing_hour_paths(storage, layout.events_root(), hours, ("events.parquet",))
+    return spark.read.schema(EVENTS).parquet(*paths) if paths else spark.createDataFrame([], EVENTS)
+
+
+def read_rollup(spark: SparkSession, storage, kind: str, hours: list[datetime]) -> DataFrame:
+    paths = _existing_hour_paths(storage, layout.rollup_root(kind), hours, (ROLLUP_FILE,))
+    return spark.read.schema(ROLLUPS[kind]).parquet(*paths) if paths else spark.createDataFrame([], ROLLUPS[kind])
+
+
+def register_rollups(spark: SparkSession, storage, hours: list[datetime]) -> None:
+    """Views `counts`, `props`, `users` over the given hours, the tables the feature SQL reads."""
+    for kind in ROLLUPS:
+        read_rollup(spark, storage, kind, hours).createOrReplaceTempView(kind)
+
+
+def build_rollups(spark: SparkSession, storage, hours: list[datetime]) -> dict[str, int]:
+    """Hourly rollups of every hour in `hours`, in one Spark job per kind whatever the number of hours.
+
+    Rollups are far smaller than events, so each kind comes back as Arrow and is written as one file per hour:
+    thousands of tiny Spark output folders would cost more in commit and listing than the aggregation itself."""
+    events = read_events(spark, storage, hours)
+    events.selectExpr("*", f"{_HOUR_IDX} AS hour_idx").createOrReplaceTempView("ev")
+    rows = {}
+    for kind, sql in ROLLUP_SQL.items():
+        table = spark.sql(sql).toArrow()
+        rows[kind] = table.num_rows
+        for hour_idx, chunk in slices_by_key(table, table["hour_idx"].to_numpy()).items():
+            storage.write_table(chunk.cast(ROLLUP_ARROW[kind]), *layout.rollup_hour(kind, from_epoch_hour(hour_idx)), ROLLUP_FILE)
+    return rows
+
+
+def parquet_rows(path) -> int:
+    """Row count of a parquet file or folder from its footers, without reading data."""
+    return ds.dataset(str(path), format="parquet").count_rows()
+
+
+def write_frame(frame: DataFrame, storage, parts: tuple[str, ...]) -> int:
+    """Write a Spark result as a parquet folder, swap it into place and return its row count."""
+    with storage.temp_dir() as temp:
+        frame.write.parquet(str(temp / "out"))
+        rows = parquet_rows(temp / "out")
+        storage.install(temp / "out", *parts)
+    return rows

@@ -1,0 +1,131 @@
+"""All time arithmetic of the project: partitions, cutoffs, windows. Every window is half-open, [start, end).
+
+Partition (hour H, prediction p) is "as of A = H + 1h": only events with event_time < A exist for it.
+Training uses cutoff C = A - offset - horizon: features and cohort as of C, label in [C + offset, A).
+Inference uses features and cohort as of A and predicts [A + offset, A + offset + horizon).
+"""
+
+import re
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+
+HOUR = timedelta(hours=1)
+WEEK = timedelta(days=7)
+HOUR_KEY_FORMAT = "%Y-%m-%d-%H:%M"  # Dagster's hourly partition key format
+_DURATION = re.compile(r"^\s*(\d+)\s*([hdw])\s*$")
+_UNIT = {"h": HOUR, "d": timedelta(days=1), "w": WEEK}
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+
+
+def parse_duration(text: str) -> timedelta:
+    """'12h', '7d' or '2w' -> timedelta. Whole hours only, because partitions are hours."""
+    match = _DURATION.match(str(text))
+    if not match:
+        raise ValueError(f"'{text}' is not a duration; write a whole number followed by h, d or w, e.g. '7d'.")
+    return int(match.group(1)) * _UNIT[match.group(2)]
+
+
+def format_duration(delta: timedelta) -> str:
+    hours = int(delta / HOUR)
+    if hours % 168 == 0 and hours:
+        return f"{hours // 168}w"
+    if hours % 24 == 0 and hours:
+        return f"{hours // 24}d"
+    return f"{hours}h"
+
+
+def utc(moment: datetime) -> datetime:
+    if moment.tzinfo is None:
+        raise ValueError(f"{moment} has no time zone; the project works in UTC and needs aware datetimes.")
+    return moment.astimezone(timezone.utc)
+
+
+def floor_hour(moment: datetime) -> datetime:
+    return utc(moment).replace(minute=0, second=0, microsecond=0)
+
+
+def hour_from_key(key: str) -> datetime:
+    """Start of the hour named by a Dagster hourly partition key ('2026-03-01-05:00')."""
+    return datetime.strptime(key, HOUR_KEY_FORMAT).replace(tzinfo=timezone.utc)
+
+
+def hour_key(hour_start: datetime) -> str:
+    return floor_hour(hour_start).strftime(HOUR_KEY_FORMAT)
+
+
+def hour_token(hour_start: datetime) -> str:
+    """Storage-path form of an hour: no ':' so that it is valid in local paths, S3 keys and Spark paths."""
+    return floor_hour(hour_start).strftime("%Y-%m-%dT%H")
+
+
+def hour_from_token(token: str) -> datetime:
+    return datetime.strptime(token, "%Y-%m-%dT%H").replace(tzinfo=timezone.utc)
+
+
+def epoch_hour(moment: datetime) -> int:
+    """Hours since the epoch of the hour containing `moment`: the integer time axis of the rollups."""
+    return int((floor_hour(moment) - _EPOCH) // HOUR)
+
+
+def from_epoch_hour(index: int) -> datetime:
+    return _EPOCH + index * HOUR
+
+
+def epoch_micros(moment: datetime) -> int:
+    return (utc(moment) - _EPOCH) // timedelta(microseconds=1)
+
+
+def hours_between(start: datetime, end: datetime) -> list[datetime]:
+    """Starts of the hours covering [start, end); both must be on the hour."""
+    for moment in (start, end):
+        if floor_hour(moment) != utc(moment):
+            raise ValueError(f"{moment} is not on the hour.")
+    count = int((utc(end) - utc(start)) // HOUR)
+    return [utc(start) + i * HOUR for i in range(max(count, 0))]
+
+
+def weekly_windows(as_of: datetime, weeks: int) -> list[tuple[datetime, datetime]]:
+    """[as_of - 7d, as_of), [as_of - 14d, as_of - 7d), ... newest first."""
+    return [(as_of - (i + 1) * WEEK, as_of - i * WEEK) for i in range(weeks)]
+
+
+@dataclass(frozen=True)
+class PartitionTimes:
+    """The moments one (hour, prediction) partition works with."""
+
+    hour_start: datetime
+    as_of: datetime  # A: inference cutoff; nothing at or after A is read
+    train_cutoff: datetime  # C = A - offset - horizon
+    label_start: datetime  # C + offset
+    label_end: datetime  # C + offset + horizon == A
+    lookback_start: datetime  # earliest moment the inference features read: A - lookback
+    train_lookback_start: datetime  # C - lookback
+
+    @property
+    def predicts(self) -> tuple[datetime, datetime]:
+        """The window the inference scores are about: [A + offset, A + offset + horizon)."""
+        offset = self.label_start - self.train_cutoff
+        horizon = self.label_end - self.label_start
+        return self.as_of + offset, self.as_of + offset + horizon
+
+
+def partition_times(hour_start: datetime, horizon: timedelta, offset: timedelta, lookback: timedelta) -> PartitionTimes:
+    hour_start = utc(hour_start)
+    if floor_hour(hour_start) != hour_start:
+        raise ValueError(f"{hour_start} is not the start of an hour.")
+    as_of = hour_start + HOUR
+    cutoff = as_of - offset - horizon
+    return PartitionTimes(
+        hour_start=hour_start,
+        as_of=as_of,
+        train_cutoff=cutoff,
+        label_start=cutoff + offset,
+        label_end=cutoff + offset + horizon,
+        lookback_start=as_of - lookback,
+        train_lookback_start=cutoff - lookback,
+    )
+
+
+def is_cadence_hour(as_of: datetime, every: timedelta) -> bool:
+    """True when `as_of` lies on the cadence grid counted from the epoch (daily cadence -> midnight UTC)."""
+    return (utc(as_of) - _EPOCH) % every == timedelta(0)

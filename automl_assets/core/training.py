@@ -1,0 +1,356 @@
+"""Train candidate models on a labelled feature matrix, pick the best on held-out users, and save/load it.
+
+Every candidate is trained with balanced classes (conversions are rare: unweighted, the loss barely sees them) and its
+outputs are mapped back to the training prior, so that the raw scores of all candidates are probabilities on the same
+scale: comparable by log-loss, and a sensible input for the calibrator.
+"""
+
+import hashlib
+import json
+import logging
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+
+import joblib
+import numpy as np
+import pandas as pd
+import sklearn
+from sklearn.ensemble import HistGradientBoostingClassifier
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import FunctionTransformer, StandardScaler
+from sklearn.utils.class_weight import compute_class_weight
+
+from automl_assets.core.metrics import summarise
+from automl_assets.core.tfrecord import import_tensorflow, tfrecord_dataset
+
+log = logging.getLogger(__name__)
+
+KERAS_MLP = "keras_mlp"
+MODELS = ("logistic_regression", "hist_gradient_boosting", KERAS_MLP)
+META_FILE = "model_meta.json"
+# Below these the validation metrics (and the calibrator fitted on the validation predictions) are noise.
+MIN_ROWS = 100
+MIN_PER_CLASS = 10
+KERAS_BATCH_SIZE = 256
+KERAS_MAX_EPOCHS = 10
+KERAS_SHUFFLE_BUFFER = 10_000  # records; about 16 MB at 400 features
+PREDICT_BATCH_SIZE = 8192
+
+
+def signed_log1p(x, xp=np):
+    """sign(x)·log(1+|x|): tames heavy-tailed counts, and is defined for negative values too.
+
+    ``xp`` is the array namespace (``np``, or ``tf.math`` inside a tf.data pipeline): one definition for both.
+    """
+    return xp.sign(x) * xp.log1p(xp.abs(x))
+
+
+def to_prior(balanced: np.ndarray, positive_rate: float) -> np.ndarray:
+    """Map a probability learnt under balanced classes (prior 0.5) to the training prior ``positive_rate``.
+
+    Bayes' rule: the odds scale by (rate / (1 - rate)) / (0.5 / 0.5).
+    """
+    return balanced * positive_rate / (balanced * positive_rate + (1 - balanced) * (1 - positive_rate))
+
+
+def _user_hash_words(user_ids: pd.Series, seed: int) -> np.ndarray:
+    """Two independent 64-bit words per row from blake2b(seed, user_id): the same on every run, machine and Python."""
+    codes, uniques = pd.factorize(user_ids)
+    if (codes < 0).any():
+        raise ValueError("user_id has missing values")
+    digests = b"".join(hashlib.blake2b(f"{seed}:{user}".encode(), digest_size=16).digest() for user in uniques)
+    return np.frombuffer(digests, dtype="<u8").reshape(-1, 2)[codes]
+
+
+def split_users(
+    user_ids: pd.Series, *, validation_fraction: float, max_training_users: int, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Boolean row masks ``(train, validation)``; rows of users beyond the cap are in neither.
+
+    The first hash word ranks users for the cap (the ``max_training_users`` smallest stay); the second sends a kept
+    user to validation when it falls in the lowest ``validation_fraction`` of its range. Separate words keep the two
+    choices independent, and since both depend on the user id alone, all rows of a user land on one side, and a user
+    keeps its side from one retrain to the next.
+    """
+    if not 0 < validation_fraction < 1:
+        raise ValueError(f"validation_fraction must be between 0 and 1, got {validation_fraction}")
+    words = _user_hash_words(user_ids, seed)
+    kept = np.ones(len(words), dtype=bool)
+    cap_words = np.unique(words[:, 0])
+    if cap_words.size > max_training_users:
+        kept = words[:, 0] <= cap_words[max_training_users - 1]
+    validation = kept & (words[:, 1] / 2.0**64 < validation_fraction)
+    return kept & ~validation, validation
+
+
+def _require_both_classes(labels: np.ndarray, what: str, min_rows: int, min_per_class: int) -> None:
+    positives = int(labels.sum())
+    negatives = labels.size - positives
+    if labels.size < min_rows or min(positives, negatives) < min_per_class:
+        raise ValueError(
+            f"the {what} has {positives} positives for {labels.size} users ({negatives} negatives; at least "
+            f"{min_rows} users and {min_per_class} of each class are needed): widen the horizon or wait for more data"
+        )
+
+
+@dataclass
+class _Split:
+    X_train: np.ndarray
+    y_train: np.ndarray
+    X_validation: np.ndarray
+    y_validation: np.ndarray
+    train_user_ids: np.ndarray
+    tfrecord_path: str | None
+    seed: int
+
+
+def _fit_logistic_regression(data: _Split):
+    model = make_pipeline(
+        FunctionTransformer(signed_log1p),
+        StandardScaler(),
+        LogisticRegression(class_weight="balanced", max_iter=1000),
+    )
+    return model.fit(data.X_train, data.y_train)
+
+
+def _fit_hist_gradient_boosting(data: _Split):
+    # Early stopping on an internal 10% of the training rows, so that our validation split stays untouched.
+    model = HistGradientBoostingClassifier(
+        max_iter=200, early_stopping=True, n_iter_no_change=10, class_weight="balanced", random_state=data.seed
+    )
+    return model.fit(data.X_train, data.y_train)
+
+
+def _fit_keras_mlp(data: _Split):
+    tf = import_tensorflow()
+    import keras
+
+    keras.utils.set_random_seed(data.seed)  # weight initialisation and shuffling draw from the global seeds
+    transformed = signed_log1p(data.X_train)
+    variance = transformed.var(axis=0)
+    variance[variance == 0] = 1.0  # constant features: centre them, do not divide by zero
+    model = keras.Sequential(
+        [
+            keras.Input((data.X_train.shape[1],)),
+            keras.layers.Normalization(mean=transformed.mean(axis=0), variance=variance),
+            keras.layers.Dense(32, activation="relu"),
+            keras.layers.Dense(16, activation="relu"),
+            keras.layers.Dense(1, activation="sigmoid"),
+        ]
+    )
+    model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="binary_crossentropy")
+    w_negative, w_positive = (float(w) for w in compute_class_weight("balanced", classes=np.array([0, 1]), y=data.y_train))
+
+    if data.tfrecord_path is None:
+        train = {
+            "x": transformed,
+            "y": data.y_train,
+            "sample_weight": np.where(data.y_train == 1, w_positive, w_negative),
+            "batch_size": KERAS_BATCH_SIZE,
+        }
+    else:
+        # Stream the training users' rows from the TFRecord file: the same users as the in-memory split, by id.
+        stream = tfrecord_dataset(
+            data.tfrecord_path,
+            data.X_train.shape[1],
+            KERAS_BATCH_SIZE,
+            user_ids=data.train_user_ids,
+            shuffle_buffer=KERAS_SHUFFLE_BUFFER,
+            seed=data.seed,
+        )
+        # The stream must yield the in-memory training rows: declaring their batch count lets Keras plan its epochs,
+        # and makes a TFRecord file written from another matrix fail at the end of the first epoch.
+        batches = -(-len(data.y_train) // KERAS_BATCH_SIZE)
+        stream = stream.apply(tf.data.experimental.assert_cardinality(batches)).map(
+            lambda x, y: (signed_log1p(x, tf.math), y, tf.where(y == 1, w_positive, w_negative))
+        )
+        train = {"x": stream, "shuffle": False}  # the stream shuffles its records itself
+    model.fit(
+        **train,
+        validation_data=(
+            signed_log1p(data.X_validation),
+            data.y_validation,
+            np.where(data.y_validation == 1, w_positive, w_negative),
+        ),
+        epochs=KERAS_MAX_EPOCHS,
+        callbacks=[keras.callbacks.EarlyStopping(patience=2, restore_best_weights=True)],
+        verbose=0,
+    )
+    return model
+
+
+CANDIDATES = {
+    "logistic_regression": _fit_logistic_regression,
+    "hist_gradient_boosting": _fit_hist_gradient_boosting,
+    KERAS_MLP: _fit_keras_mlp,
+}
+
+
+def _model_file(name: str) -> str:
+    return "model.keras" if name == KERAS_MLP else "model.joblib"
+
+
+@dataclass
+class ScoringModel:
+    """A fitted candidate with what it needs to score a matrix: raw scores are probabilities at the training prior."""
+
+    name: str
+    model: object
+    feature_columns: list[str]
+    train_positive_rate: float
+
+    def predict(self, df: pd.DataFrame) -> np.ndarray:
+        """Raw scores for the rows of ``df`` (which must hold ``feature_columns``; other columns are ignored)."""
+        return self._scores(df[self.feature_columns].to_numpy(np.float32))
+
+    def _scores(self, X: np.ndarray) -> np.ndarray:
+        if len(X) == 0:
+            return np.empty(0)
+        if self.name == KERAS_MLP:
+            balanced = self.model.predict(signed_log1p(X), batch_size=PREDICT_BATCH_SIZE, verbose=0)[:, 0]
+        else:
+            balanced = self.model.predict_proba(X)[:, 1]
+        return to_prior(balanced.astype(np.float64), self.train_positive_rate)
+
+
+@dataclass
+class TrainingOutcome:
+    chosen: str
+    models: dict[str, ScoringModel]  # every fitted candidate
+    metrics: dict[str, dict]  # candidate -> metrics.summarise() on the validation split
+    validation_predictions: pd.DataFrame  # user_id, raw_score (of the chosen model), label
+    feature_columns: list[str]
+    n_train: int
+    n_validation: int
+    positives: int  # in the training split
+
+    def summary(self) -> dict:
+        """JSON-ready record of the run: written as metrics.json and inside model_meta.json."""
+        return {
+            "chosen": self.chosen,
+            "metrics": self.metrics,
+            "n_train": self.n_train,
+            "n_validation": self.n_validation,
+            "positives": self.positives,
+            "train_positive_rate": self.models[self.chosen].train_positive_rate,
+        }
+
+
+def train_candidates(
+    matrix: pd.DataFrame,
+    feature_columns,
+    *,
+    models=MODELS,
+    validation_fraction: float = 0.2,
+    max_training_users: int = 5_000_000,
+    seed: int = 0,
+    tfrecord_path=None,
+) -> TrainingOutcome:
+    """Fit each of ``models`` on the training users and choose the one with the lowest validation log-loss.
+
+    ``tfrecord_path``: the same matrix as a TFRecord file (see tfrecord.write_tfrecord, same feature order); the
+    Keras candidate then streams its training rows from it instead of from memory.
+    """
+    feature_columns = list(feature_columns)
+    unknown = sorted(set(models) - set(CANDIDATES))
+    if unknown or not models:
+        raise ValueError(f"unknown or no models {unknown or list(models)}; choose from {list(CANDIDATES)}")
+    missing = [column for column in ("user_id", "label", *feature_columns) if column not in matrix.columns]
+    if missing:
+        raise ValueError(f"the training matrix lacks columns {missing}")
+    labels = matrix["label"].to_numpy()
+    if not np.isin(labels, (0, 1)).all():
+        raise ValueError("label must be 0 or 1")
+
+    train, validation = split_users(
+        matrix["user_id"], validation_fraction=validation_fraction, max_training_users=max_training_users, seed=seed
+    )
+    _require_both_classes(labels[train | validation], "training matrix", MIN_ROWS, MIN_PER_CLASS)
+    _require_both_classes(labels[train], "training split", 1, 1)
+    _require_both_classes(labels[validation], "validation split", 1, 1)
+
+    X = matrix[feature_columns].to_numpy(np.float32)
+    not_finite = ~np.isfinite(X).all(axis=0)
+    if not_finite.any():
+        raise ValueError(f"feature columns with missing or infinite values: {np.array(feature_columns)[not_finite].tolist()}")
+    data = _Split(
+        X_train=X[train],
+        y_train=labels[train].astype(np.int64),
+        X_validation=X[validation],
+        y_validation=labels[validation].astype(np.int64),
+        train_user_ids=matrix["user_id"].to_numpy()[train],
+        tfrecord_path=None if tfrecord_path is None else str(tfrecord_path),
+        seed=seed,
+    )
+    del X
+    positive_rate = float(data.y_train.mean())
+
+    fitted, scores, metrics = {}, {}, {}
+    for name in models:
+        fitted[name] = ScoringModel(name, CANDIDATES[name](data), feature_columns, positive_rate)
+        scores[name] = fitted[name]._scores(data.X_validation)
+        metrics[name] = summarise(data.y_validation, scores[name])
+        log.info("candidate %s: %s", name, metrics[name])
+    chosen = min(models, key=lambda name: metrics[name]["log_loss"])
+
+    return TrainingOutcome(
+        chosen=chosen,
+        models=fitted,
+        metrics=metrics,
+        validation_predictions=pd.DataFrame(
+            {
+                "user_id": matrix["user_id"].to_numpy()[validation],
+                "raw_score": scores[chosen],
+                "label": data.y_validation,
+            }
+        ),
+        feature_columns=feature_columns,
+        n_train=int(train.sum()),
+        n_validation=int(validation.sum()),
+        positives=int(data.y_train.sum()),
+    )
+
+
+def _versions(name: str) -> dict:
+    versions = {
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "pandas": pd.__version__,
+        "scikit-learn": sklearn.__version__,
+    }
+    if name == KERAS_MLP:
+        import keras
+
+        versions.update(tensorflow=import_tensorflow().__version__, keras=keras.__version__)
+    return versions
+
+
+def save_model(outcome: TrainingOutcome, model_dir) -> None:
+    """Write the chosen model (``model.joblib`` or ``model.keras``) and ``model_meta.json`` into ``model_dir``."""
+    model_dir = Path(model_dir)
+    model_dir.mkdir(parents=True, exist_ok=True)
+    scoring = outcome.models[outcome.chosen]
+    path = model_dir / _model_file(scoring.name)
+    if scoring.name == KERAS_MLP:
+        scoring.model.save(path)
+    else:
+        joblib.dump(scoring.model, path)
+    meta = {**outcome.summary(), "feature_columns": scoring.feature_columns, "versions": _versions(scoring.name)}
+    (model_dir / META_FILE).write_text(json.dumps(meta, indent=2))
+
+
+def load_model(model_dir) -> ScoringModel:
+    model_dir = Path(model_dir)
+    meta = json.loads((model_dir / META_FILE).read_text())
+    name = meta["chosen"]
+    path = model_dir / _model_file(name)
+    if name == KERAS_MLP:
+        import_tensorflow()
+        import keras
+
+        model = keras.models.load_model(path)
+    else:
+        model = joblib.load(path)
+    return ScoringModel(name, model, meta["feature_columns"], meta["train_positive_rate"])

@@ -1,0 +1,17 @@
+"""The code location: every asset, check, job, schedule, sensor and resource is assembled here."""
+
+import dagster as dg
+
+from automl_assets import calibrator, cohort, events, feature_matrix, features, labels, model, scores, taxonomy
+from jobs import event_store_job, prediction_job
+from resources.environments import resources_for_env
+
+ASSET_MODULES = [events, taxonomy, features, labels, cohort, feature_matrix, model, calibrator, scores]
+
+defs = dg.Definitions(
+    assets=dg.load_assets_from_modules(ASSET_MODULES),
+    jobs=[event_store_job, prediction_job],
+    resources=resources_for_env(),
+    # One process per run: Spark starts once per run, and steps share it.
+    executor=dg.in_process_executor,
+)

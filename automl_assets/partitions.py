@@ -1,0 +1,37 @@
+"""Partitions: events and rollups by hour; every prediction asset by prediction (dynamic) x hour."""
+
+from datetime import datetime
+
+import dagster as dg
+
+from automl_assets.core.timewin import hour_from_key, hour_key
+
+# The first hour the store can hold. Earlier data is rejected by the hourly assets' partition range.
+FIRST_HOUR = "2025-01-01-00:00"
+PREDICTION = "prediction"
+
+hourly_partitions = dg.HourlyPartitionsDefinition(start_date=FIRST_HOUR)
+prediction_partitions = dg.DynamicPartitionsDefinition(name=PREDICTION)
+prediction_hour_partitions = dg.MultiPartitionsDefinition({"hour": hourly_partitions, PREDICTION: prediction_partitions})
+
+
+def prediction_hour_key(prediction: str, hour_start: datetime) -> dg.MultiPartitionKey:
+    return dg.MultiPartitionKey({"hour": hour_key(hour_start), PREDICTION: prediction})
+
+
+def prediction_and_hour(context: dg.AssetExecutionContext) -> tuple[str, datetime]:
+    """The (prediction, hour start) of a prediction-asset run, with a clear error for a malformed launch."""
+    key = context.partition_key
+    if not isinstance(key, dg.MultiPartitionKey):
+        raise dg.Failure(
+            f"partition key {key!r} is not a prediction x hour key; launch from the UI or pass the tags "
+            "dagster/partition/hour and dagster/partition/prediction as well as dagster/partition."
+        )
+    dims = key.keys_by_dimension
+    return dims[PREDICTION], hour_from_key(dims["hour"])
+
+
+def hour_range(context: dg.AssetExecutionContext) -> tuple[datetime, datetime]:
+    """[start, end) of the hours a run of an hourly asset covers: one hour, or a backfill's whole range."""
+    window = context.partition_time_window
+    return window.start, window.end

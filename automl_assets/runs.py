@@ -1,0 +1,56 @@
+"""Launching the project's jobs through Dagster, as the UI would: one run per hour range or per partition."""
+
+from datetime import datetime
+
+import dagster as dg
+
+from automl_assets.core.timewin import HOUR, hour_key
+from automl_assets.partitions import prediction_hour_key
+
+# Runs launched from the command line log warnings and errors only; the UI keeps every event either way.
+QUIET = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
+
+# Dagster's tags for a run that covers a partition range (what a single-run backfill launches).
+RANGE_START_TAG = "dagster/asset_partition_range_start"
+RANGE_END_TAG = "dagster/asset_partition_range_end"
+
+
+def _job(name: str) -> dg.JobDefinition:
+    from automl_assets.definitions import defs
+
+    return defs.resolve_job_def(name)
+
+
+def _raise_on_failure(result: dg.ExecuteInProcessResult, what: str) -> dg.ExecuteInProcessResult:
+    if not result.success:
+        failures = [event.message for event in result.all_events if event.is_step_failure or event.is_run_failure]
+        raise RuntimeError(f"{what} failed: {' / '.join(m for m in failures if m)}")
+    return result
+
+
+def run_event_store(instance: dg.DagsterInstance, start: datetime, end: datetime) -> dg.ExecuteInProcessResult:
+    """Ingest and roll up every hour in [start, end) in one run."""
+    tags = {RANGE_START_TAG: hour_key(start), RANGE_END_TAG: hour_key(end - HOUR)}
+    result = _job("event_store_job").execute_in_process(
+        run_config=QUIET, instance=instance, tags=tags, raise_on_error=False
+    )
+    return _raise_on_failure(result, f"event store run for [{start.isoformat()}, {end.isoformat()})")
+
+
+def run_prediction(
+    instance: dg.DagsterInstance, prediction: str, hour_start: datetime, scope: str = "auto", selection=None
+) -> dg.ExecuteInProcessResult:
+    """The prediction chain (or `selection` of it) for one (hour, prediction) partition."""
+    key = prediction_hour_key(prediction, hour_start)
+    job = _job("prediction_job")
+    run_config = dict(QUIET)
+    if selection is None or "scores" in selection:
+        run_config["ops"] = {"scores": {"config": {"scope": scope}}}
+    result = job.execute_in_process(
+        instance=instance,
+        partition_key=key,
+        run_config=run_config,
+        asset_selection=[dg.AssetKey(name) for name in selection] if selection else None,
+        raise_on_error=False,
+    )
+    return _raise_on_failure(result, f"prediction run for {prediction} at {hour_key(hour_start)}")

@@ -1,0 +1,144 @@
+"""Scores: calibrated probabilities per user from the newest model trained at or before the hour, written per
+partition and merged into a queryable latest-score-per-user table."""
+
+from datetime import datetime
+from typing import Literal
+
+import dagster as dg
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+from pydantic import Field
+
+from automl_assets.calibrator import calibrator, calibrator_parts
+from automl_assets.core import layout
+from automl_assets.core.calibration import Calibrator
+from automl_assets.core.timewin import hour_from_token, is_cadence_hour
+from automl_assets.feature_matrix import feature_matrix, matrix_parts
+from automl_assets.model import job_name, model_version
+from automl_assets.partitions import prediction_hour_partitions
+from automl_assets.predictions import PredictionRun, prediction_run
+from automl_assets.taxonomy import PREDICTION_GROUP
+from resources.sagemaker import LocalSageMaker
+from resources.storage import LocalStorage
+
+DAY = pd.Timedelta(days=1).to_pytimedelta()
+SCORE_SCHEMA = pa.schema(
+    [
+        ("user_id", pa.string()),
+        ("prediction", pa.string()),
+        ("score", pa.float64()),
+        ("percentile", pa.float64()),
+        ("model_version", pa.string()),
+        ("scored_at", pa.timestamp("us", tz="UTC")),
+    ]
+)
+
+
+class ScoresConfig(dg.Config):
+    scope: Literal["auto", "active", "cohort"] = Field(
+        default="auto",
+        description="'active': users active in the partition's hour; 'cohort': everyone in the cohort; 'auto': the "
+        "whole cohort on the daily run (the hour ending at midnight UTC), active users otherwise.",
+    )
+
+
+def newest_model_hour(storage, prediction: str, hour: datetime) -> datetime | None:
+    """The newest hour at or before `hour` whose model and calibrator are both stored."""
+    trained = [
+        hour_from_token(name.removeprefix("hour="))
+        for name in storage.list_dir(*layout.prediction_asset_root(prediction, "calibrator"))
+        if name.startswith("hour=")
+    ]
+    usable = [h for h in trained if h <= hour and storage.exists(*layout.prediction_asset(prediction, "model", h, "model"))]
+    return max(usable, default=None)
+
+
+def resolve_scope(run: PredictionRun, scope: str) -> str:
+    if scope != "auto":
+        return scope
+    return "cohort" if is_cadence_hour(run.times.as_of, DAY) else "active"
+
+
+def percentiles(scores: np.ndarray, reference: list[float]) -> np.ndarray:
+    """Share (0-100) of the reference population (held-out users at training time) scoring at or below each score;
+    the same yardstick for hourly and daily runs, whatever subset a run scores."""
+    return 100.0 * np.searchsorted(np.asarray(reference), scores, side="right") / len(reference)
+
+
+def merge_latest(storage, prediction: str, new: pd.DataFrame) -> int:
+    """Keep each user's most recent score; a re-run of the same hour replaces its own rows."""
+    parts = layout.latest_scores(prediction)
+    frames = [new]
+    if storage.exists(*parts):
+        frames.insert(0, storage.read_table(*parts).to_pandas())
+    merged = pd.concat(frames, ignore_index=True).sort_values(["user_id", "scored_at"], kind="stable")
+    latest = merged.drop_duplicates("user_id", keep="last").reset_index(drop=True)
+    storage.write_table(pa.Table.from_pandas(latest, schema=SCORE_SCHEMA, preserve_index=False), *parts)
+    return len(latest)
+
+
+@dg.asset(
+    partitions_def=prediction_hour_partitions,
+    deps=[calibrator, feature_matrix],
+    group_name=PREDICTION_GROUP,
+    kinds={"sagemaker", "parquet"},
+    description="user_id, prediction, score, percentile, model_version, scored_at: hourly for users active in the "
+    "hour, daily (hour ending at midnight UTC) for the whole cohort.",
+)
+def scores(
+    context: dg.AssetExecutionContext, config: ScoresConfig, storage: LocalStorage, sagemaker: LocalSageMaker
+) -> dg.MaterializeResult:
+    run = prediction_run(context, storage)
+    trained_at = newest_model_hour(storage, run.prediction, run.hour)
+    if trained_at is None:
+        raise dg.Failure(
+            f"no model of {run.prediction} was trained at or before {run.hour.isoformat()}; materialise `model` and "
+            "`calibrator` for this or an earlier hour first."
+        )
+    version = model_version(run.prediction, trained_at)
+    stored = storage.read_json(*calibrator_parts(run.prediction, trained_at))
+    scope = resolve_scope(run, config.scope)
+    matrix = pd.read_parquet(storage.path(*matrix_parts(run, "infer")))
+    if scope == "active":
+        matrix = matrix[matrix["active_last_hour"] == 1]
+    if matrix.empty:
+        raw = np.array([], dtype=float)
+    else:
+        with storage.temp_dir() as temp:
+            (temp / "input").mkdir()
+            matrix.to_parquet(temp / "input" / "part-0.parquet", index=False)
+            model_dir = storage.path(*layout.prediction_asset(run.prediction, "model", trained_at, "model"))
+            with sagemaker.transform(job_name(run, "transform"), model_dir, temp / "input", context.log.info) as output:
+                transformed = pd.read_parquet(output / "scores.parquet")
+        raw = matrix[["user_id"]].merge(transformed, on="user_id", how="left", validate="one_to_one")["raw_score"].to_numpy(float)
+    score = Calibrator.from_dict(stored["calibrator"]).predict(raw)
+    result = pd.DataFrame(
+        {
+            "user_id": matrix["user_id"].to_numpy(),
+            "prediction": run.prediction,
+            "score": score,
+            "percentile": percentiles(score, stored["reference_quantiles"]),
+            "model_version": version,
+            "scored_at": pd.Timestamp(run.times.as_of),
+        }
+    )
+    storage.write_table(pa.Table.from_pandas(result, schema=SCORE_SCHEMA, preserve_index=False), *run.parts("scores", "scores.parquet"))
+    latest_rows = merge_latest(storage, run.prediction, result)
+    top = result.nlargest(10, "score")
+    return dg.MaterializeResult(
+        metadata={
+            "scope": scope,
+            "users_scored": len(result),
+            "model_version": version,
+            "mean_score": float(score.mean()) if len(score) else 0.0,
+            "top_users": dg.MetadataValue.md(
+                "| user | score | percentile |\n|---|---|---|\n"
+                + "\n".join(f"| {r.user_id} | {r.score:.4f} | {r.percentile:.1f} |" for r in top.itertuples())
+            ),
+            "latest_table_users": latest_rows,
+            "latest_table": dg.MetadataValue.path(storage.path(*layout.latest_scores(run.prediction))),
+            **run.describe(),
+        }
+    )
+

@@ -1,0 +1,64 @@
+"""Taxonomy: the events and property values a prediction's features are built from, chosen from the data."""
+
+import dagster as dg
+from dagster_pyspark import LazyPySparkResource
+
+from automl_assets.core.spark_jobs import prepare, register_rollups
+from automl_assets.core.taxonomy import event_stats_sql, property_stats_sql, select_taxonomy, user_property_stats_sql
+from automl_assets.core.timewin import epoch_hour, hours_between
+from automl_assets.events import hourly_rollups
+from automl_assets.partitions import prediction_hour_partitions
+from automl_assets.predictions import prediction_run
+from resources.storage import LocalStorage
+
+# Prediction assets depend on the rollups of their own hour; the features read the whole lookback before it.
+SAME_HOUR = dg.MultiToSingleDimensionPartitionMapping(partition_dimension_name="hour")
+PREDICTION_GROUP = "prediction"
+
+
+@dg.asset(
+    partitions_def=prediction_hour_partitions,
+    deps=[dg.AssetDep(hourly_rollups, partition_mapping=SAME_HOUR)],
+    group_name=PREDICTION_GROUP,
+    kinds={"spark", "json"},
+    description="Top events by volume, most-used event-property values and user-property values (with "
+    "cardinality caps) in the lookback before the training cutoff.",
+)
+def taxonomy(context: dg.AssetExecutionContext, storage: LocalStorage, spark: LazyPySparkResource) -> dg.MaterializeResult:
+    run = prediction_run(context, storage)
+    session = prepare(spark.spark_session)
+    start, cutoff = run.times.train_lookback_start, run.times.train_cutoff
+    register_rollups(session, storage, hours_between(start, cutoff))
+    window = (epoch_hour(start), epoch_hour(cutoff))
+    event_stats = session.sql(event_stats_sql(*window)).toPandas()
+    if event_stats.empty:
+        raise dg.Failure(
+            f"no events in the lookback [{start.isoformat()}, {cutoff.isoformat()}) before the training cutoff of "
+            f"{run.prediction}; materialise `events` and `hourly_rollups` for those hours, or pick a later hour."
+        )
+    spec = run.spec
+    chosen, report = select_taxonomy(
+        event_stats,
+        session.sql(property_stats_sql(*window)).toPandas(),
+        session.sql(user_property_stats_sql(*window)).toPandas(),
+        top_events=spec.top_events,
+        top_properties=spec.top_properties,
+        max_property_values=spec.max_property_values,
+        user_property_values=spec.user_property_values,
+        weeks=spec.lookback_weeks,
+    )
+    storage.write_json({"taxonomy": chosen.to_dict(), "report": report, **run.describe()}, *run.parts("taxonomy", "taxonomy.json"))
+    volumes = event_stats.set_index("event_type")["n"]
+    table = "\n".join(f"| {i + 1} | {e} | {int(volumes[e]):,} |" for i, e in enumerate(chosen.events))
+    return dg.MaterializeResult(
+        metadata={
+            "selected_events": dg.MetadataValue.md("| rank | event | events in lookback |\n|---|---|---|\n" + table),
+            "n_events": len(chosen.events),
+            "event_properties": dg.MetadataValue.json(
+                {f"{p.event_type}.{p.key}": list(p.values) for p in chosen.event_properties}
+            ),
+            "user_properties": dg.MetadataValue.json({p.key: list(p.values) for p in chosen.user_properties}),
+            "left_out": dg.MetadataValue.json(report),
+            **run.describe(),
+        }
+    )

@@ -1,0 +1,1 @@
+"""Resources of the AutoML project, chosen by environment in `resources.environments`."""

@@ -1,0 +1,93 @@
+"""The store: a local folder by default. Everything is written atomically (temp file, then rename), so a reader
+never sees half a file and a failed run leaves the previous version in place."""
+
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import dagster as dg
+import pyarrow as pa
+import pyarrow.parquet as pq
+from pydantic import Field
+
+
+class LocalStorage(dg.ConfigurableResource):
+    """The store in a local directory (`root`, relative paths are taken from the working directory)."""
+
+    root: str = Field(default=".automl_store", description="Folder that holds the event lake and every artefact.")
+
+    @property
+    def base(self) -> Path:
+        return Path(self.root).expanduser().resolve()
+
+    def path(self, *parts: str) -> str:
+        """Absolute path of a stored object, in the form Spark, pyarrow and pandas all accept."""
+        return str(self.base.joinpath(*parts))
+
+    def exists(self, *parts: str) -> bool:
+        return self.base.joinpath(*parts).exists()
+
+    def list_dir(self, *parts: str) -> list[str]:
+        folder = self.base.joinpath(*parts)
+        return sorted(entry.name for entry in folder.iterdir() if not entry.name.startswith(".")) if folder.is_dir() else []
+
+    @contextmanager
+    def temp_dir(self) -> Iterator[Path]:
+        """A scratch folder inside the store, on the same file system, so that results can be renamed into place."""
+        folder = self.base / ".tmp" / uuid.uuid4().hex
+        folder.mkdir(parents=True)
+        try:
+            yield folder
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+
+    def _atomic_target(self, parts: tuple[str, ...]) -> tuple[Path, Path]:
+        target = self.base.joinpath(*parts)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        return target, target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
+
+    def write_table(self, table: pa.Table, *parts: str) -> None:
+        target, temp = self._atomic_target(parts)
+        pq.write_table(table, temp, compression="zstd")
+        os.replace(temp, target)
+
+    def read_table(self, *parts: str, columns: list[str] | None = None) -> pa.Table:
+        path = self.base.joinpath(*parts)
+        if not path.exists():
+            raise FileNotFoundError(f"{path} does not exist in the store; materialise the asset that writes it first.")
+        return pq.read_table(path, columns=columns)
+
+    def write_bytes(self, data: bytes, *parts: str) -> None:
+        target, temp = self._atomic_target(parts)
+        temp.write_bytes(data)
+        os.replace(temp, target)
+
+    def read_bytes(self, *parts: str) -> bytes:
+        return self.base.joinpath(*parts).read_bytes()
+
+    def write_json(self, data: object, *parts: str) -> None:
+        self.write_bytes(json.dumps(data, indent=2, sort_keys=True, default=str).encode(), *parts)
+
+    def read_json(self, *parts: str) -> object:
+        return json.loads(self.read_bytes(*parts))
+
+    def install(self, source: Path, *parts: str) -> None:
+        """Replace the file or folder at `parts` by `source` (made in `temp_dir`), swapping by rename."""
+        target = self.base.joinpath(*parts)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        retired = target.with_name(f".{target.name}.{uuid.uuid4().hex}.old")
+        if target.is_dir():
+            os.replace(target, retired)
+        os.replace(source, target)
+        shutil.rmtree(retired, ignore_errors=True)
+
+    def remove(self, *parts: str) -> None:
+        path = self.base.joinpath(*parts)
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()

@@ -1,0 +1,129 @@
+import json
+import math
+
+import numpy as np
+import pytest
+from scipy.special import expit, logit
+
+from automl_assets.core.calibration import Calibrator, fit_calibrator
+from automl_assets.core.metrics import (
+    auc,
+    brier,
+    expected_calibration_error,
+    log_loss,
+    reliability_table,
+    summarise,
+)
+
+
+def miscalibrated(n: int, seed: int):
+    """True probability sigmoid(2x), model score sigmoid(x + 1): too flat and shifted up."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=n)
+    label = (rng.random(n) < expit(2 * x)).astype(int)
+    return expit(x + 1), label
+
+
+def test_auc_is_nan_for_a_single_class_and_exact_otherwise():
+    assert math.isnan(auc([0, 0, 0], [0.1, 0.5, 0.9]))
+    assert auc([0, 0, 1, 1], [0.1, 0.2, 0.8, 0.9]) == 1.0
+    assert auc([0, 1, 0, 1], [0.1, 0.2, 0.3, 0.4]) == 0.75
+
+
+def test_log_loss_clips_and_brier_is_the_mean_squared_error():
+    assert log_loss([1, 0], [0.0, 1.0]) == pytest.approx(-math.log(1e-15), rel=1e-4)
+    assert log_loss([1, 0], [0.8, 0.4]) == pytest.approx(-(math.log(0.8) + math.log(0.6)) / 2)
+    assert brier([1, 0, 1], [0.5, 0.5, 1.0]) == pytest.approx((0.25 + 0.25 + 0) / 3)
+    with pytest.raises(ValueError, match="differ in length"):
+        brier([1, 0], [0.5])
+
+
+def test_reliability_table_uses_equal_mass_bins():
+    rng = np.random.default_rng(1)
+    p = rng.beta(0.5, 8, size=1003)  # crowded near 0, as conversion scores are
+    table = reliability_table(rng.random(1003) < p, p, bins=10)
+    assert list(table.columns) == ["bin", "mean_pred", "mean_obs", "count"]
+    assert list(table["bin"]) == list(range(10))
+    assert table["count"].sum() == 1003 and table["count"].max() - table["count"].min() <= 1
+    assert table["mean_pred"].is_monotonic_increasing
+    # fewer rows than bins: one row per bin
+    assert list(reliability_table([0, 1, 1], [0.9, 0.1, 0.5], bins=10)["count"]) == [1, 1, 1]
+
+
+def test_ece_is_the_count_weighted_gap():
+    # two bins of two: predictions 0.1 (observed 0.5) and 0.8 (observed 1.0)
+    assert expected_calibration_error([0, 1, 1, 1], [0.1, 0.1, 0.8, 0.8], bins=2) == pytest.approx((0.4 + 0.2) / 2)
+    rng = np.random.default_rng(2)
+    p = rng.random(50_000)
+    assert expected_calibration_error(rng.random(50_000) < p, p) < 0.01
+
+
+def test_summarise_reports_every_metric():
+    y, p = [0, 1, 1, 0], [0.2, 0.7, 0.6, 0.4]
+    summary = summarise(y, p)
+    assert set(summary) == {"auc", "log_loss", "brier", "ece", "positives", "n"}
+    assert summary["positives"] == 2 and summary["n"] == 4 and summary["auc"] == 1.0
+
+
+def test_calibration_lowers_ece_on_fresh_data():
+    calibrator = fit_calibrator(*miscalibrated(5000, seed=0))
+    raw, label = miscalibrated(20_000, seed=1)
+    before = expected_calibration_error(label, raw)
+    after = expected_calibration_error(label, calibrator.predict(raw))
+    assert before > 0.15 and after < 0.03
+    assert log_loss(label, calibrator.predict(raw)) < log_loss(label, raw)
+
+
+def test_output_is_monotone_and_strictly_inside_0_1_everywhere():
+    calibrator = fit_calibrator(*miscalibrated(3000, seed=3))
+    grid = np.concatenate([[0.0], np.logspace(-12, -1, 200), np.linspace(0, 1, 20_001), 1 - np.logspace(-1, -12, 200), [1.0]])
+    grid.sort()
+    calibrated = calibrator.predict(grid)
+    assert np.all(np.diff(calibrated) >= 0)
+    low, high = calibrator.bounds
+    assert low == 1 / 3002 and high == 1 - 1 / 3002
+    assert calibrated.min() >= low and calibrated.max() <= high
+
+
+def test_out_of_range_scores_follow_platt_not_the_isotonic_ends():
+    raw, label = miscalibrated(4000, seed=4)
+    inside = (raw > 0.3) & (raw < 0.9)  # a fitted range narrower than the scores seen later
+    calibrator = fit_calibrator(raw[inside], label[inside])
+    for outside in (np.array([0.1, 0.15, 0.2, 0.25]), np.array([0.92, 0.95, 0.97])):
+        calibrated = calibrator.predict(outside)
+        assert np.ptp(calibrator.isotonic(outside)) == 0  # isotonic alone: one flat value for all of them
+        assert np.all((calibrated > 0) & (calibrated < 1))
+        assert np.all(np.diff(calibrated) > 0)  # the calibrator keeps ranking them...
+        # ...along the Platt curve: a constant shift in logit space (the anchor at the fitted range's end)
+        shift = logit(calibrated) - logit(calibrator.platt(outside))
+        assert np.ptp(shift) < 1e-9 and abs(shift[0]) < 0.5
+    assert calibrator.isotonic([0.1, 0.97]).tolist() == [0.0, 1.0]  # the extremes it would otherwise have given
+
+
+def test_round_trip_through_json_predicts_identically():
+    calibrator = fit_calibrator(*miscalibrated(2000, seed=5))
+    restored = Calibrator.from_dict(json.loads(json.dumps(calibrator.to_dict())))
+    raw = np.linspace(0, 1, 5001)
+    np.testing.assert_array_equal(restored.predict(raw), calibrator.predict(raw))
+
+
+def test_few_points_fall_back_mostly_to_platt():
+    calibrator = fit_calibrator(*miscalibrated(30, seed=6), min_support=50)
+    raw = np.linspace(0.2, 0.95, 100)
+    assert calibrator.support_weight(raw).max() <= 30 / 50
+    calibrated = calibrator.predict(raw)
+    assert np.abs(calibrated - calibrator.platt(raw)).mean() < 0.5 * np.abs(calibrated - calibrator.isotonic(raw)).mean()
+
+
+def test_well_supported_steps_follow_isotonic():
+    raw, label = miscalibrated(20_000, seed=7)
+    calibrator = fit_calibrator(raw, label, min_support=50)
+    middle = np.linspace(0.3, 0.95, 500)
+    trusted = calibrator.support_weight(middle) == 1.0
+    assert trusted.mean() > 0.9
+    np.testing.assert_allclose(calibrator.predict(middle)[trusted], calibrator.isotonic(middle)[trusted], atol=1e-3)
+
+
+def test_fit_needs_both_classes():
+    with pytest.raises(ValueError, match="both classes"):
+        fit_calibrator(np.linspace(0, 1, 100), np.zeros(100))

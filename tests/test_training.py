@@ -1,0 +1,347 @@
+import hashlib
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy.special import expit
+
+from automl_assets.core import sagemaker_entry
+from automl_assets.core.tfrecord import import_tensorflow, tfrecord_dataset, write_tfrecord
+from automl_assets.core.training import (
+    META_FILE,
+    load_model,
+    save_model,
+    split_users,
+    to_prior,
+    train_candidates,
+)
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+FAST_MODELS = ("logistic_regression", "hist_gradient_boosting")
+
+
+def planted_matrix(n_users: int = 3000, n_features: int = 12, seed: int = 0) -> tuple[pd.DataFrame, list[str]]:
+    """Counts per event and week; the label depends on the first three features."""
+    rng = np.random.default_rng(seed)
+    columns = [f"f__event{i}__w{i % 8 + 1}" for i in range(n_features)]
+    X = rng.poisson(1.0, size=(n_users, n_features)).astype(float)
+    signal = 2.5 * np.log1p(X[:, 0]) - 2 * np.log1p(X[:, 1]) + 1.2 * (X[:, 2] > 1) - 2.5  # Bayes AUC about 0.84
+    matrix = pd.DataFrame(X, columns=columns)
+    matrix.insert(0, "user_id", [f"user-{seed}-{i}" for i in range(n_users)])
+    matrix["label"] = (rng.random(n_users) < expit(signal)).astype(np.int64)
+    return matrix, columns
+
+
+def split_of(matrix: pd.DataFrame, **overrides):
+    options = {"validation_fraction": 0.2, "max_training_users": 5_000_000, "seed": 0} | overrides
+    return split_users(matrix["user_id"], **options)
+
+
+# --- split and cap ---------------------------------------------------------------------------------------------------
+
+
+def test_split_is_by_user_independent_of_row_order_and_pinned():
+    users = pd.Series([f"user-{i}" for i in range(4000)] * 2)  # two rows per user
+    train, validation = split_users(users, validation_fraction=0.2, max_training_users=10**9, seed=0)
+    assert (train ^ validation).all()
+    assert set(users[train]).isdisjoint(users[validation])
+    assert 0.18 < validation.mean() < 0.22
+    shuffled = users.sample(frac=1, random_state=1)
+    _, shuffled_validation = split_users(shuffled, validation_fraction=0.2, max_training_users=10**9, seed=0)
+    assert set(shuffled[shuffled_validation]) == set(users[validation])
+    # hashlib, not hash(): the same users on every machine and in every Python process
+    first = users[:20]
+    assert first[validation[:20]].tolist() == ["user-12", "user-13", "user-17"]
+    _, other_seed = split_users(users, validation_fraction=0.2, max_training_users=10**9, seed=1)
+    assert set(users[other_seed]) != set(users[validation])
+
+
+def test_cap_keeps_the_users_with_the_smallest_hashes():
+    users = pd.Series([f"user-{i}" for i in range(3000)])
+    train, validation = split_users(users, validation_fraction=0.2, max_training_users=1000, seed=0)
+    kept = set(users[train | validation])
+    first_word = {
+        user: int.from_bytes(hashlib.blake2b(f"0:{user}".encode(), digest_size=16).digest()[:8], "little")
+        for user in users
+    }
+    assert kept == set(sorted(first_word, key=first_word.get)[:1000])
+    # a higher cap only adds users, and nobody changes sides
+    train_more, validation_more = split_users(users, validation_fraction=0.2, max_training_users=2000, seed=0)
+    assert kept < set(users[train_more | validation_more])
+    assert set(users[validation]) <= set(users[validation_more])
+    assert set(users[train]) <= set(users[train_more])
+
+
+def test_to_prior_undoes_balanced_class_weights():
+    assert to_prior(np.array([0.5]), 0.1)[0] == pytest.approx(0.1)
+    balanced = np.array([0.0, 0.2, 0.9, 1.0])
+    np.testing.assert_allclose(to_prior(balanced, 0.5), balanced)
+    odds = lambda p: p / (1 - p)  # noqa: E731
+    assert odds(to_prior(np.array([0.8]), 0.2))[0] == pytest.approx(odds(0.8) * odds(0.2))
+
+
+# --- training with scikit-learn candidates ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def planted():
+    matrix, columns = planted_matrix()
+    return matrix, columns, train_candidates(matrix, columns, models=FAST_MODELS)
+
+
+def test_chooses_the_lowest_validation_log_loss(planted):
+    matrix, columns, outcome = planted
+    assert set(outcome.metrics) == set(FAST_MODELS)
+    assert outcome.chosen == min(outcome.metrics, key=lambda name: outcome.metrics[name]["log_loss"])
+    for metrics in outcome.metrics.values():
+        assert set(metrics) == {"auc", "log_loss", "brier", "ece", "positives", "n"}
+        assert metrics["auc"] > 0.75
+        assert metrics["n"] == outcome.n_validation
+
+
+def test_counts_and_validation_predictions_follow_the_user_split(planted):
+    matrix, columns, outcome = planted
+    train, validation = split_of(matrix)
+    assert (outcome.n_train, outcome.n_validation) == (train.sum(), validation.sum())
+    assert outcome.n_train + outcome.n_validation == len(matrix)
+    assert outcome.positives == matrix["label"][train].sum()
+    predictions = outcome.validation_predictions
+    assert list(predictions.columns) == ["user_id", "raw_score", "label"]
+    assert predictions["user_id"].tolist() == matrix["user_id"][validation].tolist()
+    assert predictions["label"].tolist() == matrix["label"][validation].tolist()
+    np.testing.assert_allclose(
+        predictions["raw_score"], outcome.models[outcome.chosen].predict(matrix[validation]), rtol=1e-12
+    )
+
+
+def test_raw_scores_are_corrected_back_to_the_true_prior(planted):
+    matrix, columns, outcome = planted
+    rate = matrix["label"].mean()
+    assert rate < 0.35  # balanced training alone would centre the scores near 0.5
+    for scoring in outcome.models.values():
+        assert abs(scoring.predict(matrix).mean() - rate) < 0.03
+
+
+def test_save_and_load_round_trip(planted, tmp_path):
+    matrix, columns, outcome = planted
+    save_model(outcome, tmp_path)
+    assert (tmp_path / "model.joblib").exists()
+    meta = json.loads((tmp_path / META_FILE).read_text())
+    assert meta["chosen"] == outcome.chosen and meta["feature_columns"] == columns
+    assert meta["metrics"] == outcome.metrics and meta["train_positive_rate"] == outcome.positives / outcome.n_train
+    assert {"python", "numpy", "pandas", "scikit-learn"} <= set(meta["versions"])
+    loaded = load_model(tmp_path)
+    reordered = matrix[["label", *columns[::-1], "user_id"]]  # column order in the frame does not matter
+    np.testing.assert_array_equal(loaded.predict(reordered), outcome.models[outcome.chosen].predict(matrix))
+
+
+def test_refuses_a_matrix_without_both_classes_or_enough_rows():
+    matrix, columns = planted_matrix(n_users=500)
+    with pytest.raises(ValueError, match=r"has 0 positives for 500 users.*widen the horizon or wait for more data"):
+        train_candidates(matrix.assign(label=0), columns, models=FAST_MODELS)
+    with pytest.raises(ValueError, match="has .* positives for 60 users"):
+        train_candidates(matrix.head(60), columns, models=FAST_MODELS)
+    with pytest.raises(ValueError, match=r"lacks columns \['f__missing'\]"):
+        train_candidates(matrix, [*columns, "f__missing"], models=FAST_MODELS)
+    with pytest.raises(ValueError, match="unknown or no models"):
+        train_candidates(matrix, columns, models=("xgboost",))
+
+
+# --- TFRecord and the Keras candidate --------------------------------------------------------------------------------
+
+
+def test_tfrecord_round_trip(tmp_path):
+    tf = import_tensorflow()
+    matrix, columns = planted_matrix(n_users=300, n_features=5)
+    path = tmp_path / "matrix.tfrecord"
+    write_tfrecord(matrix, path, columns)
+    batches = list(tfrecord_dataset(path, len(columns), batch_size=64))
+    assert [len(features) for features, _ in batches] == [64, 64, 64, 64, 44]
+    np.testing.assert_array_equal(np.concatenate([f for f, _ in batches]), matrix[columns].to_numpy(np.float32))
+    np.testing.assert_array_equal(np.concatenate([y for _, y in batches]), matrix["label"].to_numpy(np.float32))
+    first = tf.train.Example.FromString(next(iter(tf.data.TFRecordDataset(str(path)))).numpy()).features.feature
+    assert first["user_id"].bytes_list.value == [b"user-0-0"]
+
+    inference = tmp_path / "inference.tfrecord"
+    write_tfrecord(matrix.drop(columns="label"), inference, columns, label_column=None)
+    features = next(iter(tfrecord_dataset(inference, len(columns), batch_size=300, with_label=False)))
+    np.testing.assert_array_equal(features, matrix[columns].to_numpy(np.float32))
+
+
+def test_tfrecord_stream_selects_exactly_the_training_users(tmp_path):
+    matrix, columns = planted_matrix(n_users=2000, n_features=3)
+    matrix[columns[0]] = np.arange(len(matrix), dtype=float)  # a row id travels inside the features
+    path = tmp_path / "matrix.tfrecord"
+    write_tfrecord(matrix, path, columns)
+    train, _ = split_of(matrix)
+    stream = tfrecord_dataset(path, len(columns), 128, user_ids=matrix["user_id"][train], shuffle_buffer=500, seed=1)
+    sizes, rows = [], []
+    for features, _ in stream:
+        sizes.append(len(features))
+        rows.extend(features.numpy()[:, 0].astype(int))
+    assert sorted(rows) == np.flatnonzero(train).tolist()
+    assert all(size == 128 for size in sizes[:-1])  # filtered batches are refilled
+
+
+@pytest.fixture(scope="module")
+def keras_from_tfrecord(tmp_path_factory):
+    matrix, columns = planted_matrix(seed=1)
+    path = tmp_path_factory.mktemp("tfrecord") / "matrix.tfrecord"
+    write_tfrecord(matrix, path, columns)
+    return matrix, columns, path, train_candidates(matrix, columns, models=("keras_mlp",), tfrecord_path=path)
+
+
+def test_keras_mlp_trains_from_the_tfrecord_stream(keras_from_tfrecord):
+    matrix, columns, path, outcome = keras_from_tfrecord
+    assert outcome.chosen == "keras_mlp"
+    assert outcome.metrics["keras_mlp"]["auc"] > 0.75
+    assert abs(outcome.validation_predictions["raw_score"].mean() - matrix["label"].mean()) < 0.05
+
+
+def test_keras_model_round_trip(keras_from_tfrecord, tmp_path):
+    matrix, columns, path, outcome = keras_from_tfrecord
+    save_model(outcome, tmp_path)
+    assert (tmp_path / "model.keras").exists()
+    assert {"tensorflow", "keras"} <= set(json.loads((tmp_path / META_FILE).read_text())["versions"])
+    np.testing.assert_allclose(load_model(tmp_path).predict(matrix), outcome.models["keras_mlp"].predict(matrix), rtol=1e-6)
+
+
+def test_tfrecord_of_another_matrix_is_refused(keras_from_tfrecord, tmp_path):
+    matrix, columns, _, _ = keras_from_tfrecord
+    half = tmp_path / "half.tfrecord"
+    write_tfrecord(matrix.head(len(matrix) // 2), half, columns)
+    with pytest.raises(Exception, match="expected to contain"):
+        train_candidates(matrix, columns, models=("keras_mlp",), tfrecord_path=half)
+
+
+# --- the SageMaker entry script --------------------------------------------------------------------------------------
+
+
+def sagemaker_env(root: Path, **extra) -> dict:
+    env = {key: value for key, value in os.environ.items() if not key.startswith("SM_")}
+    env.update(
+        SM_MODEL_DIR=str(root / "model"),
+        SM_CHANNEL_TRAIN=str(root / "input/data/train"),
+        SM_CHANNEL_INPUT=str(root / "input/data/input"),
+        SM_OUTPUT_DATA_DIR=str(root / "output/data"),
+        SM_OUTPUT_DIR=str(root / "output"),
+        SM_INPUT_CONFIG_DIR=str(root / "input/config"),
+        **extra,
+    )
+    return env
+
+
+def run_entry(args: list[str], env: dict, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def trained_job(tmp_path_factory):
+    """A training job run as SageMaker runs it: a module in a subprocess, /opt/ml-style tree, string hyperparameters."""
+    root = tmp_path_factory.mktemp("opt_ml")
+    matrix, columns = planted_matrix(seed=2)
+    channel = root / "input/data/train"
+    channel.mkdir(parents=True)
+    matrix.to_parquet(channel / "matrix.parquet", index=False)
+    write_tfrecord(matrix, channel / "matrix.tfrecord", columns)
+    (root / "input/config").mkdir(parents=True)
+    hyperparameters = {
+        "models": json.dumps(["logistic_regression", "hist_gradient_boosting", "keras_mlp"]),
+        "feature_columns": json.dumps(columns),
+        "validation_fraction": "0.2",
+        "seed": "0",
+        "sagemaker_program": "sagemaker_entry.py",
+    }
+    (root / "input/config/hyperparameters.json").write_text(json.dumps(hyperparameters))
+    result = run_entry(["-m", "automl_assets.core.sagemaker_entry", "train"], sagemaker_env(root), PROJECT_ROOT)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return root, matrix, columns, result
+
+
+def test_train_job_writes_model_metrics_and_validation_predictions(trained_job):
+    root, matrix, columns, result = trained_job
+    metrics = json.loads((root / "output/data/metrics.json").read_text())
+    assert set(metrics["metrics"]) == {"logistic_regression", "hist_gradient_boosting", "keras_mlp"}
+    assert metrics["chosen"] == min(metrics["metrics"], key=lambda name: metrics["metrics"][name]["log_loss"])
+    assert metrics["n_train"] + metrics["n_validation"] == len(matrix)
+    assert "validation:log_loss=" in result.stdout
+
+    meta = json.loads((root / "model" / META_FILE).read_text())
+    assert meta["feature_columns"] == columns and meta["chosen"] == metrics["chosen"]
+    model_file = "model.keras" if metrics["chosen"] == "keras_mlp" else "model.joblib"
+    assert (root / "model" / model_file).exists()
+
+    predictions = pd.read_parquet(root / "output/data/validation_predictions.parquet")
+    assert list(predictions.columns) == ["user_id", "raw_score", "label"]
+    _, validation = split_of(matrix)
+    assert predictions["user_id"].tolist() == matrix["user_id"][validation].tolist()
+    assert predictions["raw_score"].between(0, 1).all()
+    assert not (root / "output/failure").exists()
+
+
+def test_transform_job_scores_match_load_model(trained_job, tmp_path):
+    root, matrix, columns, _ = trained_job
+    inputs = root / "input/data/input"
+    (inputs / "part=1").mkdir(parents=True)
+    # inference matrices: no label, any column order, split over files
+    unlabelled = matrix.drop(columns="label")[["user_id", *columns[::-1]]]
+    unlabelled.iloc[:1000].to_parquet(inputs / "a.parquet", index=False)
+    unlabelled.iloc[1000:].to_parquet(inputs / "part=1" / "b.parquet", index=False)
+    script = PROJECT_ROOT / "automl_assets/core/sagemaker_entry.py"  # run as a file, from elsewhere
+    result = run_entry([str(script), "transform"], sagemaker_env(root), tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+    scores = pd.read_parquet(root / "output/data/scores.parquet")
+    assert list(scores.columns) == ["user_id", "raw_score"]
+    assert sorted(scores["user_id"]) == sorted(matrix["user_id"])
+    expected = pd.Series(load_model(root / "model").predict(matrix), index=matrix["user_id"])
+    np.testing.assert_allclose(scores["raw_score"], expected[scores["user_id"]].to_numpy(), rtol=1e-5)  # float32 nets
+
+
+def test_serving_hooks_score_like_load_model(trained_job):
+    root, matrix, columns, _ = trained_job
+    model = sagemaker_entry.model_fn(root / "model")
+    rows = matrix.head(5).drop(columns="label")
+    for content_type, body in [
+        ("application/json", rows.to_json(orient="records")),
+        ("application/x-parquet", rows.to_parquet(index=False)),
+    ]:
+        prediction = sagemaker_entry.predict_fn(sagemaker_entry.input_fn(body, content_type), model)
+        answer = json.loads(sagemaker_entry.output_fn(prediction, "application/json"))
+        assert [row["user_id"] for row in answer] == rows["user_id"].tolist()
+        np.testing.assert_allclose([row["raw_score"] for row in answer], model.predict(rows), rtol=1e-6)
+    as_parquet = pd.read_parquet(io.BytesIO(sagemaker_entry.output_fn(prediction, "application/x-parquet")))
+    pd.testing.assert_frame_equal(as_parquet, prediction)
+    with pytest.raises(ValueError, match="unsupported content type"):
+        sagemaker_entry.input_fn("a,b", "text/csv")
+
+
+def test_single_class_matrix_fails_the_job_with_a_readable_reason(tmp_path):
+    matrix, columns = planted_matrix(n_users=400)
+    channel = tmp_path / "input/data/train"
+    channel.mkdir(parents=True)
+    matrix.assign(label=0).to_parquet(channel / "matrix.parquet", index=False)
+    env = sagemaker_env(tmp_path, SM_HPS=json.dumps({"models": '["logistic_regression"]', "seed": 0}))
+    result = run_entry(["-m", "automl_assets.core.sagemaker_entry", "train"], env, PROJECT_ROOT)
+    assert result.returncode == 1
+    reason = (tmp_path / "output/failure").read_text()
+    assert reason.startswith("ValueError: the training matrix has 0 positives for 400 users")
+    assert "widen the horizon or wait for more data" in reason
+    assert not (tmp_path / "model").exists()
+
+
+def test_hyperparameters_are_decoded_from_sagemaker_strings(monkeypatch):
+    monkeypatch.setenv(
+        "SM_HPS",
+        json.dumps({"models": '["keras_mlp"]', "validation_fraction": "0.25", "seed": 3, "sagemaker_region": "eu-west-1"}),
+    )
+    assert sagemaker_entry.read_hyperparameters() == {"models": ["keras_mlp"], "validation_fraction": 0.25, "seed": 3}
+    monkeypatch.setenv("SM_HPS", json.dumps({"validation_fration": "0.2"}))
+    with pytest.raises(ValueError, match="unknown hyperparameters"):
+        sagemaker_entry.read_hyperparameters()
