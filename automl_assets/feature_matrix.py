@@ -24,10 +24,6 @@ def matrix_parts(run: PredictionRun, role: str, name: str = MATRIX) -> tuple[str
     return run.parts("feature_matrix", role, name)
 
 
-def matrix_columns(storage, run: PredictionRun) -> list[str]:
-    return storage.read_json(*run.parts("feature_matrix", "columns.json"))
-
-
 @dg.asset(
     partitions_def=prediction_hour_partitions,
     deps=[feature_aggregates, labels, cohort],

@@ -7,7 +7,7 @@ from pathlib import Path
 import dagster as dg
 
 from automl_assets.core.timewin import hour_token
-from automl_assets.feature_matrix import feature_matrix, matrix_columns
+from automl_assets.feature_matrix import feature_matrix
 from automl_assets.partitions import prediction_hour_partitions
 from automl_assets.predictions import PredictionRun, prediction_run
 from automl_assets.taxonomy import PREDICTION_GROUP
@@ -54,7 +54,6 @@ def model(context: dg.AssetExecutionContext, storage: LocalStorage, sagemaker: L
     run = prediction_run(context, storage)
     hyperparameters = {
         "models": list(run.spec.models),
-        "feature_columns": matrix_columns(storage, run),
         "validation_fraction": VALIDATION_FRACTION,
         "max_training_users": run.spec.max_training_users,
         "seed": SEED,

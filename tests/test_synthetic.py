@@ -14,6 +14,8 @@ from automl_assets.core.schema import EVENT_SCHEMA
 from automl_assets.core.synthetic import (
     EVENT_TYPES,
     SyntheticConfig,
+    _Events,
+    _time_order,
     generate_events,
     generate_table,
     write_amplitude_export,
@@ -53,7 +55,7 @@ def test_same_seed_same_table_other_seed_differs(config, table):
     assert not other.equals(table)
 
 
-def test_output_does_not_depend_on_chunking():
+def test_output_does_not_depend_on_chunking_or_threads():
     config = SyntheticConfig(n_users=40_000, end=END, weeks=1, seed=3, events_per_user_per_week=0.5)
     whole = pa.concat_tables(generate_events(config))
     chunks = list(generate_events(config, chunk_users=7_000, threads=1))
@@ -61,12 +63,27 @@ def test_output_does_not_depend_on_chunking():
     assert pa.concat_tables(chunks).equals(whole)
 
 
-def test_times_within_window_and_sorted(config, table):
+def test_times_within_window_and_table_is_the_sorted_stream(config, table):
     times = table["event_time"]
     assert pc.min(times).as_py() >= config.end - timedelta(weeks=config.weeks)
     assert pc.max(times).as_py() < config.end
-    keys = table.select(["event_time", "insert_id"]).to_pandas()
-    assert keys.equals(keys.sort_values(["event_time", "insert_id"], ignore_index=True))
+    stream = pa.concat_tables(generate_events(config, chunk_users=500))
+    assert table.equals(stream.sort_by([("event_time", "ascending"), ("insert_id", "ascending")]))
+
+
+def test_time_ties_follow_insert_id_text_order():
+    # Same user, same microsecond: insert_id "...-10" sorts before "...-9" as text.
+    events = _Events(
+        user=np.array([1, 1, 1, 0], np.int32),
+        etype=np.zeros(4, np.int8),
+        time=np.array([5, 7, 7, 7]),
+        sequence=np.array([8, 9, 10, 3], np.int32),
+        prop_keys=np.zeros((4, 1), np.int8),
+        prop_values=np.zeros((4, 1), np.int16),
+        user_props=np.zeros((4, 3), np.int16),
+        revenue=np.full(4, np.nan),
+    )
+    assert _time_order(events).tolist() == [0, 3, 2, 1]
 
 
 def test_identifiers(table, config):
@@ -100,6 +117,10 @@ def test_user_and_event_properties(table, events):
     assert table["revenue"].null_count == table.num_rows - purchases.num_rows
     pages = pc.map_lookup(table.filter(pc.equal(table["event_type"], "page_view"))["event_properties"], "page", "first")
     assert pages.null_count == 0
+    # Keys in name order: the canonical order ingestion writes.
+    sample = table.slice(0, 20_000)
+    for maps in (sample["event_properties"].to_pylist(), sample["user_properties"].to_pylist()):
+        assert all([k for k, _ in m] == sorted(k for k, _ in m) for m in maps)
 
 
 def _window_counts(events: pd.DataFrame, start, end, prefix: str) -> pd.DataFrame:
@@ -151,7 +172,6 @@ def test_planted_signal_is_learnable_out_of_time(events, outcome, counted, rate_
     assert rate_range[0] < test_y.mean() < rate_range[1]
     model = LogisticRegression(max_iter=1_000).fit(design(train_x), train_y)
     auc = roc_auc_score(test_y, model.predict_proba(design(test_x))[:, 1])
-    print(outcome, "positive rate", round(test_y.mean(), 3), "auc", round(auc, 3))
     assert auc > 0.7, auc
 
 
@@ -183,6 +203,40 @@ def test_amplitude_export_round_trips(table, tmp_path):
         "revenue": row["revenue"],
     } in hour_file
     assert all("revenue" not in r for rs in records.values() for r in rs if r["event_type"] != "purchase")
+    lines = [line for path in paths for line in gzip.open(path, "rt")]
+    assert all(line == json.dumps(json.loads(line), separators=(",", ":"), ensure_ascii=False) + "\n" for line in lines)
+
+
+def test_export_escapes_like_json_dumps(tmp_path):
+    awkward = {"q": 'say "hi"', "b": "C:\\temp", "nl": "a\nb\tc", "u": "café ☕", "none": None}
+    table = pa.Table.from_pylist(
+        [
+            {"user_id": 'u"1', "event_type": "a\\b", "event_time": END - timedelta(microseconds=1), "insert_id": "x1",
+             "event_properties": list(awkward.items()), "user_properties": None, "revenue": 100.0},
+            {"user_id": "u2", "event_type": "plain", "event_time": END - timedelta(hours=5), "insert_id": "x2",
+             "event_properties": [("k", 'v"\\é')], "user_properties": None, "revenue": None},
+        ],
+        schema=EVENT_SCHEMA,
+    )
+    paths = write_amplitude_export(table, tmp_path)
+    assert [p.name for p in paths] == ["synthetic_2026-02-28_19#0.json.gz", "synthetic_2026-02-28_23#0.json.gz"]
+    last = json.loads(gzip.open(paths[1], "rt").read())
+    assert last["user_id"] == 'u"1' and last["event_type"] == "a\\b" and last["revenue"] == 100.0
+    assert last["event_properties"] == awkward and last["user_properties"] == {}
+    assert last["event_time"] == "2026-02-28 23:59:59.999999"
+    assert gzip.open(paths[0], "rt").read() == (
+        '{"event_type":"plain","user_id":"u2","device_id":null,"event_time":"2026-02-28 19:00:00.000000",'
+        '"event_properties":{"k":"v\\"\\\\é"},"user_properties":{},"insert_id":"x2"}\n'
+    )
+
+
+def test_export_appends_parts_instead_of_overwriting(table, tmp_path):
+    first, second = table.slice(0, 300), table.slice(300, 300)
+    paths = write_amplitude_export(first, tmp_path) + write_amplitude_export(second, tmp_path)
+    assert len(set(paths)) == len(paths)
+    assert any(p.name.endswith("#1.json.gz") for p in paths)
+    records = [json.loads(line) for path in tmp_path.iterdir() for line in gzip.open(path, "rt")]
+    assert sorted(r["insert_id"] for r in records) == sorted(table.slice(0, 600)["insert_id"].to_pylist())
 
 
 def test_export_is_byte_reproducible(table, tmp_path):

@@ -1,4 +1,3 @@
-import hashlib
 import io
 import json
 import os
@@ -12,6 +11,7 @@ import pytest
 from scipy.special import expit
 
 from automl_assets.core import sagemaker_entry
+from automl_assets.core.splits import user_fraction
 from automl_assets.core.tfrecord import import_tensorflow, tfrecord_dataset, write_tfrecord
 from automl_assets.core.training import (
     META_FILE,
@@ -55,27 +55,31 @@ def test_split_is_by_user_independent_of_row_order_and_pinned():
     shuffled = users.sample(frac=1, random_state=1)
     _, shuffled_validation = split_users(shuffled, validation_fraction=0.2, max_training_users=10**9, seed=0)
     assert set(shuffled[shuffled_validation]) == set(users[validation])
-    # hashlib, not hash(): the same users on every machine and in every Python process
+    # a keyed blake2b, not hash(): the same users on every machine and in every Python process
     first = users[:20]
-    assert first[validation[:20]].tolist() == ["user-12", "user-13", "user-17"]
+    assert first[validation[:20]].tolist() == ["user-5", "user-7", "user-9", "user-11", "user-16", "user-18"]
     _, other_seed = split_users(users, validation_fraction=0.2, max_training_users=10**9, seed=1)
     assert set(users[other_seed]) != set(users[validation])
 
 
-def test_cap_keeps_the_users_with_the_smallest_hashes():
+def test_cap_keeps_the_lowest_hashed_users_of_each_side_in_proportion():
     users = pd.Series([f"user-{i}" for i in range(3000)])
+    uncapped_train, uncapped_validation = split_users(users, validation_fraction=0.2, max_training_users=10**9, seed=0)
     train, validation = split_users(users, validation_fraction=0.2, max_training_users=1000, seed=0)
-    kept = set(users[train | validation])
-    first_word = {
-        user: int.from_bytes(hashlib.blake2b(f"0:{user}".encode(), digest_size=16).digest()[:8], "little")
-        for user in users
-    }
-    assert kept == set(sorted(first_word, key=first_word.get)[:1000])
-    # a higher cap only adds users, and nobody changes sides
-    train_more, validation_more = split_users(users, validation_fraction=0.2, max_training_users=2000, seed=0)
-    assert kept < set(users[train_more | validation_more])
-    assert set(users[validation]) <= set(users[validation_more])
-    assert set(users[train]) <= set(users[train_more])
+    assert (train | validation).sum() == 1000
+    assert 0.16 < validation.sum() / 1000 < 0.24
+    # nobody changes sides because of the cap
+    assert not (train & uncapped_validation).any() and not (validation & uncapped_train).any()
+    # the kept users are the lowest of their side by the stable user fraction
+    fraction = user_fraction(users, 0)
+    rank_in_side = np.where(uncapped_validation, fraction / 0.2, (fraction - 0.2) / 0.8)
+    kept = train | validation
+    assert rank_in_side[kept].max() < rank_in_side[~kept].min()
+    # a higher cap only adds users; row order does not matter
+    more_train, more_validation = split_users(users, validation_fraction=0.2, max_training_users=2000, seed=0)
+    assert not (kept & ~(more_train | more_validation)).any()
+    reversed_train, _ = split_users(users[::-1], validation_fraction=0.2, max_training_users=1000, seed=0)
+    assert set(users[::-1][reversed_train]) == set(users[train])
 
 
 def test_to_prior_undoes_balanced_class_weights():
@@ -120,12 +124,18 @@ def test_counts_and_validation_predictions_follow_the_user_split(planted):
     )
 
 
-def test_raw_scores_are_corrected_back_to_the_true_prior(planted):
+def test_candidates_are_compared_at_the_true_prior(planted):
     matrix, columns, outcome = planted
     rate = matrix["label"].mean()
-    assert rate < 0.35  # balanced training alone would centre the scores near 0.5
-    for scoring in outcome.models.values():
-        assert abs(scoring.predict(matrix).mean() - rate) < 0.03
+    assert rate < 0.35
+    for name, scoring in outcome.models.items():
+        raw = scoring.predict(matrix)
+        # Raw scores stay class-balanced (the calibrator maps them to probabilities) ...
+        assert raw.mean() > rate + 0.1
+        # ... while selection measures them at the training prior.
+        validation = matrix["user_id"].isin(outcome.validation_predictions["user_id"])
+        corrected = to_prior(scoring.predict(matrix[validation]), scoring.train_positive_rate)
+        assert abs(corrected.mean() - rate) < 0.05, name
 
 
 def test_save_and_load_round_trip(planted, tmp_path):
@@ -201,7 +211,8 @@ def test_keras_mlp_trains_from_the_tfrecord_stream(keras_from_tfrecord):
     matrix, columns, path, outcome = keras_from_tfrecord
     assert outcome.chosen == "keras_mlp"
     assert outcome.metrics["keras_mlp"]["auc"] > 0.75
-    assert abs(outcome.validation_predictions["raw_score"].mean() - matrix["label"].mean()) < 0.05
+    at_prior = to_prior(outcome.validation_predictions["raw_score"], outcome.models["keras_mlp"].train_positive_rate)
+    assert abs(at_prior.mean() - matrix["label"].mean()) < 0.05
 
 
 def test_keras_model_round_trip(keras_from_tfrecord, tmp_path):

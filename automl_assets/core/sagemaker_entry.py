@@ -47,6 +47,7 @@ log = logging.getLogger("automl_assets.sagemaker_entry")
 SM_ROOT = Path("/opt/ml")
 # Hyperparameters passed to train_candidates, with the type each is cast to.
 HYPERPARAMETERS = {
+    "feature_columns": list,
     "models": tuple,
     "validation_fraction": float,
     "max_training_users": int,
@@ -80,26 +81,20 @@ def read_hyperparameters() -> dict:
         raw = json.loads(config.read_text()) if config.exists() else {}
     # Framework containers add their own sagemaker_* entries (program, submit directory, region...).
     hyperparameters = {key: _decode(value) for key, value in raw.items() if not key.startswith("sagemaker_")}
-    unknown = sorted(set(hyperparameters) - set(HYPERPARAMETERS) - {"feature_columns"})
+    unknown = sorted(set(hyperparameters) - set(HYPERPARAMETERS))
     if unknown:
-        raise ValueError(f"unknown hyperparameters {unknown}; known: {sorted([*HYPERPARAMETERS, 'feature_columns'])}")
+        raise ValueError(f"unknown hyperparameters {unknown}; known: {sorted(HYPERPARAMETERS)}")
     return hyperparameters
 
 
 def train() -> None:
     hyperparameters = read_hyperparameters()
+    options = {key: cast(hyperparameters[key]) for key, cast in HYPERPARAMETERS.items() if key in hyperparameters}
     channel = _sm_path("SM_CHANNEL_TRAIN", "input/data/train")
     matrix = pd.read_parquet(channel / "matrix.parquet")
-    feature_columns = hyperparameters.get("feature_columns") or [
-        column for column in matrix.columns if column not in ("user_id", "label")
-    ]
+    options.setdefault("feature_columns", [column for column in matrix.columns if column not in ("user_id", "label")])
     tfrecord = channel / "matrix.tfrecord"
-    outcome = train_candidates(
-        matrix,
-        feature_columns,
-        tfrecord_path=tfrecord if tfrecord.exists() else None,
-        **{key: cast(hyperparameters[key]) for key, cast in HYPERPARAMETERS.items() if key in hyperparameters},
-    )
+    outcome = train_candidates(matrix, tfrecord_path=tfrecord if tfrecord.exists() else None, **options)
     save_model(outcome, _sm_path("SM_MODEL_DIR", "model"))
     output = _sm_path("SM_OUTPUT_DATA_DIR", "output/data")
     output.mkdir(parents=True, exist_ok=True)

@@ -5,7 +5,6 @@ outputs are mapped back to the training prior, so that the raw scores of all can
 scale: comparable by log-loss, and a sensible input for the calibrator.
 """
 
-import hashlib
 import json
 import logging
 import platform
@@ -23,6 +22,7 @@ from sklearn.preprocessing import FunctionTransformer, StandardScaler
 from sklearn.utils.class_weight import compute_class_weight
 
 from automl_assets.core.metrics import summarise
+from automl_assets.core.splits import user_fraction
 from automl_assets.core.tfrecord import import_tensorflow, tfrecord_dataset
 
 log = logging.getLogger(__name__)
@@ -55,34 +55,30 @@ def to_prior(balanced: np.ndarray, positive_rate: float) -> np.ndarray:
     return balanced * positive_rate / (balanced * positive_rate + (1 - balanced) * (1 - positive_rate))
 
 
-def _user_hash_words(user_ids: pd.Series, seed: int) -> np.ndarray:
-    """Two independent 64-bit words per row from blake2b(seed, user_id): the same on every run, machine and Python."""
-    codes, uniques = pd.factorize(user_ids)
-    if (codes < 0).any():
-        raise ValueError("user_id has missing values")
-    digests = b"".join(hashlib.blake2b(f"{seed}:{user}".encode(), digest_size=16).digest() for user in uniques)
-    return np.frombuffer(digests, dtype="<u8").reshape(-1, 2)[codes]
-
-
 def split_users(
     user_ids: pd.Series, *, validation_fraction: float, max_training_users: int, seed: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """Boolean row masks ``(train, validation)``; rows of users beyond the cap are in neither.
 
-    The first hash word ranks users for the cap (the ``max_training_users`` smallest stay); the second sends a kept
-    user to validation when it falls in the lowest ``validation_fraction`` of its range. Separate words keep the two
-    choices independent, and since both depend on the user id alone, all rows of a user land on one side, and a user
-    keeps its side from one retrain to the next.
+    Each user draws one stable fraction u from (seed, user_id) (splits.user_fraction): u < validation_fraction puts
+    it in validation. The cap keeps the users whose u is lowest *within their side* (u rescaled to [0, 1) on each
+    side), so it takes both sides in proportion and never moves a user across the split. All rows of a user land on
+    one side, and a user keeps its side from one retrain to the next.
     """
     if not 0 < validation_fraction < 1:
         raise ValueError(f"validation_fraction must be between 0 and 1, got {validation_fraction}")
-    words = _user_hash_words(user_ids, seed)
-    kept = np.ones(len(words), dtype=bool)
-    cap_words = np.unique(words[:, 0])
-    if cap_words.size > max_training_users:
-        kept = words[:, 0] <= cap_words[max_training_users - 1]
-    validation = kept & (words[:, 1] / 2.0**64 < validation_fraction)
-    return kept & ~validation, validation
+    codes, uniques = pd.factorize(user_ids)
+    if (codes < 0).any():
+        raise ValueError("user_id has missing values")
+    fraction = user_fraction(uniques, seed)
+    in_validation = fraction < validation_fraction
+    kept = np.ones(len(uniques), dtype=bool)
+    if len(uniques) > max_training_users:
+        rank_in_side = np.where(
+            in_validation, fraction / validation_fraction, (fraction - validation_fraction) / (1 - validation_fraction)
+        )
+        kept = rank_in_side <= np.partition(rank_in_side, max_training_users - 1)[max_training_users - 1]
+    return (kept & ~in_validation)[codes], (kept & in_validation)[codes]
 
 
 def _require_both_classes(labels: np.ndarray, what: str, min_rows: int, min_per_class: int) -> None:
@@ -96,7 +92,7 @@ def _require_both_classes(labels: np.ndarray, what: str, min_rows: int, min_per_
 
 
 @dataclass
-class _Split:
+class _TrainingData:
     X_train: np.ndarray
     y_train: np.ndarray
     X_validation: np.ndarray
@@ -106,7 +102,7 @@ class _Split:
     seed: int
 
 
-def _fit_logistic_regression(data: _Split):
+def _fit_logistic_regression(data: _TrainingData):
     model = make_pipeline(
         FunctionTransformer(signed_log1p),
         StandardScaler(),
@@ -115,15 +111,15 @@ def _fit_logistic_regression(data: _Split):
     return model.fit(data.X_train, data.y_train)
 
 
-def _fit_hist_gradient_boosting(data: _Split):
-    # Early stopping on an internal 10% of the training rows, so that our validation split stays untouched.
+def _fit_hist_gradient_boosting(data: _TrainingData):
+    # Early stopping on an internal 10% of the training rows.
     model = HistGradientBoostingClassifier(
         max_iter=200, early_stopping=True, n_iter_no_change=10, class_weight="balanced", random_state=data.seed
     )
     return model.fit(data.X_train, data.y_train)
 
 
-def _fit_keras_mlp(data: _Split):
+def _fit_keras_mlp(data: _TrainingData):
     tf = import_tensorflow()
     import keras
 
@@ -143,11 +139,14 @@ def _fit_keras_mlp(data: _Split):
     model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="binary_crossentropy")
     w_negative, w_positive = (float(w) for w in compute_class_weight("balanced", classes=np.array([0, 1]), y=data.y_train))
 
+    def sample_weight(y, xp=np):  # the weights class_weight="balanced" gives the scikit-learn candidates
+        return xp.where(y == 1, w_positive, w_negative)
+
     if data.tfrecord_path is None:
         train = {
             "x": transformed,
             "y": data.y_train,
-            "sample_weight": np.where(data.y_train == 1, w_positive, w_negative),
+            "sample_weight": sample_weight(data.y_train),
             "batch_size": KERAS_BATCH_SIZE,
         }
     else:
@@ -164,16 +163,14 @@ def _fit_keras_mlp(data: _Split):
         # and makes a TFRecord file written from another matrix fail at the end of the first epoch.
         batches = -(-len(data.y_train) // KERAS_BATCH_SIZE)
         stream = stream.apply(tf.data.experimental.assert_cardinality(batches)).map(
-            lambda x, y: (signed_log1p(x, tf.math), y, tf.where(y == 1, w_positive, w_negative))
+            lambda x, y: (signed_log1p(x, tf.math), y, sample_weight(y, tf))
         )
         train = {"x": stream, "shuffle": False}  # the stream shuffles its records itself
+    # Early stopping watches the validation split: it only picks among a few epochs, a small optimism next to the
+    # cost of carving a third split out of the streamed records.
     model.fit(
         **train,
-        validation_data=(
-            signed_log1p(data.X_validation),
-            data.y_validation,
-            np.where(data.y_validation == 1, w_positive, w_negative),
-        ),
+        validation_data=(signed_log1p(data.X_validation), data.y_validation, sample_weight(data.y_validation)),
         epochs=KERAS_MAX_EPOCHS,
         callbacks=[keras.callbacks.EarlyStopping(patience=2, restore_best_weights=True)],
         verbose=0,
@@ -194,7 +191,8 @@ def _model_file(name: str) -> str:
 
 @dataclass
 class ScoringModel:
-    """A fitted candidate with what it needs to score a matrix: raw scores are probabilities at the training prior."""
+    """A fitted candidate with what it needs to score a matrix. Raw scores are the class-balanced model's
+    probabilities: the calibrator, fitted on held-out users, is the one place that maps them to real probabilities."""
 
     name: str
     model: object
@@ -212,7 +210,7 @@ class ScoringModel:
             balanced = self.model.predict(signed_log1p(X), batch_size=PREDICT_BATCH_SIZE, verbose=0)[:, 0]
         else:
             balanced = self.model.predict_proba(X)[:, 1]
-        return to_prior(balanced.astype(np.float64), self.train_positive_rate)
+        return balanced.astype(np.float64)
 
 
 @dataclass
@@ -254,6 +252,8 @@ def train_candidates(
     Keras candidate then streams its training rows from it instead of from memory.
     """
     feature_columns = list(feature_columns)
+    if not feature_columns:
+        raise ValueError("no feature columns to train on")
     unknown = sorted(set(models) - set(CANDIDATES))
     if unknown or not models:
         raise ValueError(f"unknown or no models {unknown or list(models)}; choose from {list(CANDIDATES)}")
@@ -275,7 +275,7 @@ def train_candidates(
     not_finite = ~np.isfinite(X).all(axis=0)
     if not_finite.any():
         raise ValueError(f"feature columns with missing or infinite values: {np.array(feature_columns)[not_finite].tolist()}")
-    data = _Split(
+    data = _TrainingData(
         X_train=X[train],
         y_train=labels[train].astype(np.int64),
         X_validation=X[validation],
@@ -284,14 +284,16 @@ def train_candidates(
         tfrecord_path=None if tfrecord_path is None else str(tfrecord_path),
         seed=seed,
     )
-    del X
+    del X  # X[train] and X[validation] are copies: drop the full array before fitting
     positive_rate = float(data.y_train.mean())
 
     fitted, scores, metrics = {}, {}, {}
     for name in models:
         fitted[name] = ScoringModel(name, CANDIDATES[name](data), feature_columns, positive_rate)
         scores[name] = fitted[name]._scores(data.X_validation)
-        metrics[name] = summarise(data.y_validation, scores[name])
+        # Candidates trained under balanced classes are compared at the true prior, so that log-loss measures them
+        # as probabilities and not their shared rebalancing bias.
+        metrics[name] = summarise(data.y_validation, to_prior(scores[name], positive_rate))
         log.info("candidate %s: %s", name, metrics[name])
     chosen = min(models, key=lambda name: metrics[name]["log_loss"])
 

@@ -1,0 +1,79 @@
+"""Landing files -> hour partitions: idempotent, deduplicated, bad records quarantined with counts."""
+
+import gzip
+import json
+import shutil
+
+import dagster as dg
+
+from automl_assets.core import event_store, layout
+from automl_assets.events import events
+from automl_assets.runs import RANGE_END_TAG, RANGE_START_TAG
+from tests.conftest import events_table, utc
+
+LINES = [
+    {"event_type": "view", "user_id": "u1", "event_time": "2026-03-01 05:10:00.000001", "insert_id": "a"},
+    {"event_type": "view", "user_id": "u1", "event_time": "2026-03-01 05:10:00.000001", "insert_id": "a"},  # dupe
+    {"event_type": "buy", "device_id": "d9", "event_time": "2026-03-01 06:00:00", "insert_id": "b"},
+    {"event_type": "buy", "event_time": "2026-03-01 06:00:00", "insert_id": "c"},  # no user and no device
+    {"event_type": "view", "user_id": "u2", "event_time": "yesterday", "insert_id": "d"},
+]
+
+
+def land(storage, name="export_2026-03-01_5#0.json.gz", lines=LINES):
+    folder = storage.base / "landing" / "amplitude"
+    folder.mkdir(parents=True, exist_ok=True)
+    with gzip.open(folder / name, "wt") as handle:
+        handle.writelines(json.dumps(line) + "\n" for line in lines)
+    return folder / name
+
+
+def materialise_hours(storage, instance):
+    return dg.materialize(
+        [events],
+        instance=instance,
+        resources={"storage": storage},
+        tags={RANGE_START_TAG: "2026-03-01-05:00", RANGE_END_TAG: "2026-03-01-06:00"},
+    )
+
+
+def test_landed_file_becomes_hour_partitions_once(storage):
+    source = land(storage)
+    with dg.instance_for_test() as instance:
+        first = materialise_hours(storage, instance)
+        assert first.success
+        metadata = first.asset_materializations_for_node("events")[0].metadata
+        assert metadata["new_events"].value == 2
+        assert metadata["quarantined"].value == {"missing_user_id": 1, "bad_event_time": 1}
+        assert len(instance.get_materialized_partitions(dg.AssetKey("events"))) == 2  # one run, two hours
+
+        hour5 = storage.read_table(*layout.events_hour(utc(2026, 3, 1, 5))).to_pylist()
+        hour6 = storage.read_table(*layout.events_hour(utc(2026, 3, 1, 6))).to_pylist()
+        assert [(e["user_id"], e["insert_id"]) for e in hour5] == [("u1", "a")]
+        assert [(e["user_id"], e["event_type"]) for e in hour6] == [("device:d9", "buy")]
+        assert storage.read_table(*layout.quarantine(event_store.file_digest(source))).num_rows == 2
+
+        # The same bytes under another name, and a re-run: nothing new.
+        shutil.copy(source, source.with_name("copy_2026-03-01_5#1.json.gz"))
+        again = materialise_hours(storage, instance)
+        assert again.asset_materializations_for_node("events")[0].metadata["new_events"].value == 0
+        assert storage.read_table(*layout.events_hour(utc(2026, 3, 1, 5))).to_pylist() == hour5
+
+
+def test_an_overlapping_file_adds_only_new_events(storage):
+    land(storage)
+    land(storage, "later_2026-03-01_5#1.json.gz", [LINES[0], {**LINES[0], "insert_id": "z", "user_id": "u3"}])
+    with dg.instance_for_test() as instance:
+        result = materialise_hours(storage, instance)
+    metadata = result.asset_materializations_for_node("events")[0].metadata
+    assert metadata["new_events"].value == 3
+    assert metadata["duplicates_dropped"].value == 1
+    users = storage.read_table(*layout.events_hour(utc(2026, 3, 1, 5)), columns=["user_id"]).column("user_id").to_pylist()
+    assert sorted(users) == ["u1", "u3"]
+
+
+def test_direct_writes_merge_with_what_is_stored(storage):
+    table = events_table([{"user_id": "u1", "event_type": "a", "event_time": utc(2026, 3, 1, 5, 1), "insert_id": "x"}])
+    assert event_store.write_events(storage, table) == [utc(2026, 3, 1, 5)]
+    event_store.write_events(storage, table)
+    assert storage.read_table(*layout.events_hour(utc(2026, 3, 1, 5))).num_rows == 1

@@ -1,0 +1,81 @@
+"""Window boundaries and leakage, through the same Spark plumbing and SQL the assets run."""
+
+from datetime import timedelta
+
+import pandas as pd
+import pytest
+
+from automl_assets.core.event_store import write_events
+from automl_assets.core.feature_sql import Taxonomy, UserProperty, cohort_query, feature_query, label_query
+from automl_assets.core.spark_jobs import build_rollups, read_events, register_rollups
+from automl_assets.core.timewin import epoch_hour, hours_between, partition_times
+from tests.conftest import events_table, utc
+
+MICRO = timedelta(microseconds=1)
+HOUR_H = utc(2026, 3, 10, 11)
+TIMES = partition_times(HOUR_H, horizon=timedelta(days=1), offset=timedelta(0), lookback=timedelta(weeks=2))
+C, A = TIMES.train_cutoff, TIMES.as_of  # C = 2026-03-09 12:00, A = 2026-03-10 12:00
+
+
+@pytest.fixture
+def boundary_store(storage, spark):
+    rows = [
+        # just before the training cutoff: a training feature, never a label
+        {"user_id": "before_c", "event_type": "purchase", "event_time": C - MICRO, "user_properties": {"plan": "free"}},
+        # exactly at the cutoff: a label, never a training feature
+        {"user_id": "at_c", "event_type": "purchase", "event_time": C, "user_properties": {"plan": "pro"}},
+        {"user_id": "at_c", "event_type": "view", "event_time": C - timedelta(days=3), "user_properties": {"plan": "free"}},
+        # the last microsecond before A: an inference feature and a label
+        {"user_id": "before_a", "event_type": "purchase", "event_time": A - MICRO},
+        # exactly at A: outside the partition altogether
+        {"user_id": "at_a", "event_type": "purchase", "event_time": A},
+        # 8 days before C: week 2 of the training features
+        {"user_id": "before_c", "event_type": "view", "event_time": C - timedelta(days=8)},
+    ]
+    write_events(storage, events_table(rows))
+    all_hours = hours_between(C - timedelta(weeks=3), A + timedelta(hours=2))
+    build_rollups(spark, storage, all_hours)
+    register_rollups(spark, storage, hours_between(TIMES.train_lookback_start, A))
+    return storage
+
+
+def features_as_of(spark, taxonomy, cutoff) -> pd.DataFrame:
+    query = feature_query(taxonomy, epoch_hour(cutoff))
+    return spark.sql(query.sql).toPandas().set_index("user_id")
+
+
+def test_training_features_stop_one_microsecond_before_the_cutoff(boundary_store, spark):
+    taxonomy = Taxonomy(events=("purchase", "view"), user_properties=(UserProperty("plan", ("free", "pro")),), weeks=2)
+    train = features_as_of(spark, taxonomy, C)
+    assert train.loc["before_c", "f__purchase__w1"] == 1  # C - 1us is inside [C - 7d, C)
+    assert train.loc["before_c", "f__view__w2"] == 1  # C - 8d is inside [C - 14d, C - 7d)
+    assert train.loc["before_c", "f__purchase__hours_since"] == 1
+    # at_c's purchase at exactly C is not visible; only the earlier view is
+    assert train.loc["at_c", "f__purchase__w1"] == 0
+    assert train.loc["at_c", "f__view__w1"] == 1
+    # the plan changed to "pro" at C: as of C, the last value seen is still "free"
+    assert train.loc["at_c", "f__user__plan__free__last"] == 1
+    assert train.loc["at_c", "f__user__plan__pro__last"] == 0
+    assert "before_a" not in train.index and "at_a" not in train.index
+
+
+def test_inference_features_see_up_to_but_not_including_a(boundary_store, spark):
+    taxonomy = Taxonomy(events=("purchase",), weeks=2)
+    infer = features_as_of(spark, taxonomy, A)
+    assert infer.loc["before_a", "f__purchase__w1"] == 1
+    assert infer.loc["at_c", "f__purchase__w1"] == 1
+    assert "at_a" not in infer.index
+
+
+def test_labels_cover_exactly_c_to_a(boundary_store, spark):
+    read_events(spark, boundary_store, hours_between(TIMES.label_start, TIMES.label_end)).createOrReplaceTempView("ev")
+    labelled = spark.sql(label_query("purchase", {}, sum_revenue=False)).toPandas().set_index("user_id")["outcome"]
+    assert labelled.to_dict() == {"at_c": 1, "before_a": 1}
+
+
+def test_cohort_and_the_hourly_scoring_set(boundary_store, spark):
+    infer = spark.sql(cohort_query(epoch_hour(A), active_hours=24, lookback_weeks=2, where={})).toPandas()
+    by_user = infer.set_index("user_id")["active_last_hour"].to_dict()
+    assert by_user == {"at_c": 0, "before_a": 1}  # active within [A - 24h, A); before_c's last event is at C - 1us
+    train = spark.sql(cohort_query(epoch_hour(C), active_hours=24, lookback_weeks=2, where={"plan": "free"})).toPandas()
+    assert sorted(train["user_id"]) == ["before_c"]

@@ -1,0 +1,137 @@
+"""The whole asset graph for one partition, through Dagster, on tiny synthetic data with a planted signal."""
+
+from pathlib import Path
+
+import dagster as dg
+import numpy as np
+import pandas as pd
+import pytest
+
+from automl_assets.core import layout
+from automl_assets.core.metrics import auc
+from automl_assets.core.spec import parse_spec
+from automl_assets.core.synthetic import SyntheticConfig, generate_events, write_amplitude_export
+from automl_assets.core.timewin import HOUR, WEEK, hour_key
+from automl_assets.definitions import ASSET_MODULES
+from automl_assets.partitions import prediction_hour_key
+from automl_assets.predictions import register_prediction
+from automl_assets.runs import RANGE_END_TAG, RANGE_START_TAG
+from resources.environments import resources_for_env
+from resources.storage import LocalStorage
+from tests.conftest import utc
+
+END = utc(2026, 3, 2)  # the partition's as-of time: a midnight, so the daily run scores the whole cohort
+HOUR_H = END - HOUR
+WEEKS = 4
+SPEC = parse_spec(
+    {
+        "name": "buy_7d",
+        "outcome": {"event": "purchase"},
+        "horizon": "7d",
+        "cohort": {"active_within": "14d"},
+        "lookback_weeks": 2,
+    }
+)
+ASSETS = dg.load_assets_from_modules(ASSET_MODULES)
+EVENT_STORE = [a for a in ASSETS if a.key.path[0] in ("events", "hourly_rollups")]
+PREDICTION_ASSETS = [a for a in ASSETS if a not in EVENT_STORE]
+
+
+def resources(root: str) -> dict:
+    return {**resources_for_env("local"), "storage": LocalStorage(root=root)}
+
+
+def materialise_prediction(instance, root):
+    return dg.materialize(
+        PREDICTION_ASSETS,
+        instance=instance,
+        resources=resources(root),
+        partition_key=prediction_hour_key(SPEC.name, HOUR_H),
+        run_config={"ops": {"scores": {"config": {"scope": "auto"}}}},
+    )
+
+
+def read(storage, asset: str, *name: str) -> pd.DataFrame:
+    return pd.read_parquet(storage.path(*layout.prediction_asset(SPEC.name, asset, HOUR_H, *name)))
+
+
+@pytest.fixture(scope="module")
+def graph(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("graph") / "store")
+    storage = resources(root)["storage"]
+    for chunk in generate_events(SyntheticConfig(n_users=5000, end=END, weeks=WEEKS, seed=3)):
+        write_amplitude_export(chunk, Path(storage.path(*layout.landing(), "synthetic")))
+    with dg.instance_for_test() as instance:
+        event_run = dg.materialize(
+            EVENT_STORE,
+            instance=instance,
+            resources=resources(root),
+            tags={RANGE_START_TAG: hour_key(END - WEEKS * WEEK), RANGE_END_TAG: hour_key(HOUR_H)},
+        )
+        assert event_run.success
+        register_prediction(instance, storage, SPEC)
+        first = materialise_prediction(instance, root)
+        assert first.success
+        yield instance, root, storage
+
+
+def test_event_store_run_covers_the_range_in_one_run(graph):
+    instance, _, storage = graph
+    runs = instance.get_run_records()
+    event_runs = [r for r in runs if r.dagster_run.tags.get(RANGE_START_TAG)]
+    assert len(event_runs) == 1
+    materialised = instance.get_materialized_partitions(dg.AssetKey("hourly_rollups"))
+    assert len(materialised) == WEEKS * 7 * 24
+    assert len(storage.list_dir("events")) > 0.9 * WEEKS * 7 * 24  # the synthetic users are active around the clock
+
+
+def test_every_cohort_user_is_scored_exactly_once(graph):
+    _, _, storage = graph
+    scores = read(storage, "scores", "scores.parquet")
+    cohort = read(storage, "cohort", "infer")
+    assert len(scores) == len(cohort) > 500
+    assert scores["user_id"].is_unique
+    assert set(scores["user_id"]) == set(cohort["user_id"])
+    assert scores["score"].between(0, 1, inclusive="neither").all()
+    assert scores["percentile"].between(0, 100).all()
+    assert (scores["model_version"] == f"{SPEC.name}@2026-03-01T23").all()
+    assert (scores["scored_at"] == pd.Timestamp(END)).all()
+    latest = storage.read_table(*layout.latest_scores(SPEC.name)).to_pandas()
+    assert latest.sort_values("user_id").reset_index(drop=True).equals(scores.sort_values("user_id").reset_index(drop=True))
+
+
+def test_model_learns_the_planted_signal_and_calibration_helps(graph):
+    _, _, storage = graph
+    calibration = storage.read_json(*layout.prediction_asset(SPEC.name, "calibrator", HOUR_H, "calibrator.json"))
+    assert calibration["before"]["auc"] > 0.75, calibration["before"]
+    print("calibration", calibration["before"], calibration["after"])
+    assert calibration["after"]["ece"] < calibration["before"]["ece"], (calibration["before"], calibration["after"])
+    held_out = read(storage, "model", "output", "validation_predictions.parquet")
+    assert auc(held_out["label"], held_out["raw_score"]) > 0.7
+
+
+def test_training_matrix_has_labels_from_the_window_after_the_cutoff(graph):
+    _, _, storage = graph
+    train = read(storage, "feature_matrix", "train", "matrix.parquet")
+    labels = read(storage, "labels", "labels")
+    positives = set(labels.loc[labels["outcome"] > 0, "user_id"])
+    assert set(train.loc[train["label"] == 1, "user_id"]) == positives & set(train["user_id"])
+    assert train["user_id"].is_unique and not train.isna().any().any()
+    assert 0.02 < train["label"].mean() < 0.6
+
+
+def test_rerunning_the_partition_gives_identical_output(graph):
+    instance, root, storage = graph
+    before = {name: read(storage, *parts) for name, parts in OUTPUTS.items()}
+    taxonomy_before = storage.read_json(*layout.prediction_asset(SPEC.name, "taxonomy", HOUR_H, "taxonomy.json"))
+    assert materialise_prediction(instance, root).success
+    for name, parts in OUTPUTS.items():
+        pd.testing.assert_frame_equal(read(storage, *parts), before[name], obj=name)
+    assert storage.read_json(*layout.prediction_asset(SPEC.name, "taxonomy", HOUR_H, "taxonomy.json")) == taxonomy_before
+
+
+OUTPUTS = {
+    "train_matrix": ("feature_matrix", "train", "matrix.parquet"),
+    "infer_matrix": ("feature_matrix", "infer", "matrix.parquet"),
+    "scores": ("scores", "scores.parquet"),
+}
