@@ -4,14 +4,33 @@ rollups (user x event counts and property values), the incremental building bloc
 import dagster as dg
 from dagster_pyspark import LazyPySparkResource
 
-from automl_assets.core import event_store
+from automl_assets import checks
+from automl_assets.core import event_store, layout
 from automl_assets.core.spark_jobs import build_rollups, prepare
-from automl_assets.core.timewin import hours_between
+from automl_assets.core.timewin import HOUR, hour_from_token, hours_between
 from automl_assets.partitions import hour_range, hourly_partitions
 from resources.storage import LocalStorage
 
 # A backfill of many hours is one run (and one Spark job per rollup kind), not one run per hour.
 RANGE_POLICY = dg.BackfillPolicy.single_run()
+FRESHNESS_LIMIT = 3 * HOUR  # an hour's files may arrive an hour or two late; three hours without any is an outage
+
+
+def freshness(storage, covered_until) -> dg.AssetCheckResult:
+    """Whether events keep arriving: the newest stored hour against the end of the hours this run covered."""
+    hours = storage.list_dir(*layout.events_root())
+    newest = hour_from_token(hours[-1].removeprefix("hour=")) + HOUR if hours else None
+    lag = (covered_until - newest) if newest else None
+    passed = lag is not None and lag <= FRESHNESS_LIMIT
+    return dg.AssetCheckResult(
+        check_name=checks.EVENTS_FRESH.name,
+        passed=passed,
+        severity=dg.AssetCheckSeverity.WARN,
+        description=f"The newest events end at {newest.isoformat()}, {lag} before the end of the hours covered."
+        if newest
+        else "The event store is empty: drop files under landing/ or run `automl ingest`.",
+        metadata={"lag_hours": (lag / HOUR) if lag is not None else -1.0},
+    )
 
 
 @dg.asset(
@@ -19,6 +38,7 @@ RANGE_POLICY = dg.BackfillPolicy.single_run()
     backfill_policy=RANGE_POLICY,
     group_name="event_store",
     kinds={"parquet"},
+    check_specs=[checks.EVENTS_FRESH],
     description="Canonical events of each UTC hour, deduplicated on insert_id, from the files under landing/.",
 )
 def events(context: dg.AssetExecutionContext, storage: LocalStorage) -> dg.MaterializeResult:
@@ -33,6 +53,7 @@ def events(context: dg.AssetExecutionContext, storage: LocalStorage) -> dg.Mater
     if quarantined:
         context.log.warning(f"quarantined records by reason: {quarantined} (see {storage.path('quarantine')})")
     return dg.MaterializeResult(
+        check_results=[freshness(storage, end)],
         metadata={
             "hours": dg.MetadataValue.int(len(hours_between(start, end))),
             "hours_with_events": totals.get("hours_with_events", 0),

@@ -1,25 +1,36 @@
 """Feature aggregates: rolling weekly windows per selected event, event-property and user-property features, as
 of the training cutoff (for training) and as of the partition's end (for inference), from one SQL definition."""
 
+from datetime import datetime
+
 import dagster as dg
 from dagster_pyspark import LazyPySparkResource
+from pyspark.sql import DataFrame, SparkSession
 
 from automl_assets.core.feature_sql import Taxonomy, feature_query
 from automl_assets.core.spark_jobs import prepare, register_rollups, write_frame
 from automl_assets.core.timewin import epoch_hour, hours_between
 from automl_assets.partitions import prediction_hour_partitions
-from automl_assets.predictions import PredictionRun, prediction_run
-from automl_assets.taxonomy import PREDICTION_GROUP, taxonomy
+from automl_assets.predictions import PredictionRun, prediction_run, scoring_scope, trains_in_this_run
+from automl_assets.taxonomy import PREDICTION_GROUP, TAXONOMY_FILE, taxonomy
 from resources.storage import LocalStorage
 
 
 def load_taxonomy(storage, run: PredictionRun) -> Taxonomy:
-    return Taxonomy.from_dict(storage.read_json(*run.parts("taxonomy", "taxonomy.json"))["taxonomy"])
+    return Taxonomy.from_dict(storage.read_json(*run.parts("taxonomy", TAXONOMY_FILE))["taxonomy"])
 
 
-def cutoffs(run: PredictionRun) -> dict[str, object]:
-    """Training rows are as of C, inference rows as of A: the same definitions at two cutoffs."""
-    return {"train": run.times.train_cutoff, "infer": run.times.as_of}
+def roles(context: dg.AssetExecutionContext, run: PredictionRun) -> dict[str, datetime]:
+    """The cutoffs a run works at: training rows as of C (only when the run trains), inference rows as of A."""
+    cutoffs = {"train": run.times.train_cutoff} if trains_in_this_run(context) else {}
+    return {**cutoffs, "infer": run.times.as_of}
+
+
+def features_frame(session: SparkSession, chosen: Taxonomy, cutoff: datetime, only_active: bool) -> tuple[DataFrame, tuple[str, ...]]:
+    """The feature rows as of `cutoff` over the registered rollup views; `only_active` keeps the users seen in the
+    hour before the cutoff (the hourly scoring set), so an hourly run computes features for them alone."""
+    query = feature_query(chosen, epoch_hour(cutoff), active_only=only_active)
+    return session.sql(query.sql), query.columns
 
 
 @dg.asset(
@@ -28,7 +39,8 @@ def cutoffs(run: PredictionRun) -> dict[str, object]:
     group_name=PREDICTION_GROUP,
     kinds={"spark", "parquet"},
     description="Per user: counts in 8 rolling weeks per selected event, recency, revenue, event-property value "
-    "counts and first/last user-property values, as of the training cutoff and as of the partition's end.",
+    "counts and first/last user-property values, as of the training cutoff (training runs) and as of the "
+    "partition's end (for everyone on the daily run, for the users active in the hour otherwise).",
 )
 def feature_aggregates(
     context: dg.AssetExecutionContext, storage: LocalStorage, spark: LazyPySparkResource
@@ -36,18 +48,20 @@ def feature_aggregates(
     run = prediction_run(context, storage)
     session = prepare(spark.spark_session)
     chosen = load_taxonomy(storage, run)
-    register_rollups(session, storage, hours_between(run.times.train_lookback_start, run.times.as_of))
+    cutoffs = roles(context, run)
+    register_rollups(session, storage, hours_between(min(cutoffs.values()) - run.spec.lookback, run.times.as_of))
+    scope = scoring_scope(context, run)
     rows = {}
-    for role, cutoff in cutoffs(run).items():
-        query = feature_query(chosen, epoch_hour(cutoff))
-        rows[role] = write_frame(session.sql(query.sql), storage, run.parts("feature_aggregates", role))
-    storage.write_json(list(query.columns), *run.parts("feature_aggregates", "columns.json"))
+    for role, cutoff in cutoffs.items():
+        frame, columns = features_frame(session, chosen, cutoff, only_active=role == "infer" and scope == "active")
+        rows[role] = write_frame(frame, storage, run.parts("feature_aggregates", role))
+    storage.write_json(list(columns), *run.parts("feature_aggregates", "columns.json"))
     return dg.MaterializeResult(
         metadata={
-            "train_users": rows["train"],
-            "infer_users": rows["infer"],
-            "n_features": len(query.columns),
-            "feature_columns_sample": dg.MetadataValue.json(list(query.columns[:20])),
+            **{f"{role}_users": count for role, count in rows.items()},
+            "scope": scope,
+            "n_features": len(columns),
+            "feature_columns_sample": dg.MetadataValue.json(list(columns[:20])),
             **run.describe(),
         }
     )

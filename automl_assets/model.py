@@ -9,18 +9,15 @@ import dagster as dg
 from automl_assets.core.timewin import hour_token
 from automl_assets.feature_matrix import feature_matrix
 from automl_assets.partitions import prediction_hour_partitions
-from automl_assets.predictions import PredictionRun, prediction_run
-from automl_assets.taxonomy import PREDICTION_GROUP
+from automl_assets import checks
+from automl_assets.core import quality
+from automl_assets.predictions import PredictionRun, model_in_force, model_version, prediction_run, promotion_parts
+from automl_assets.taxonomy import PREDICTION_GROUP, TAXONOMY_FILE
 from resources.sagemaker import LocalSageMaker
 from resources.storage import LocalStorage
 
 VALIDATION_FRACTION = 0.2  # 80/20 split by user
 SEED = 0
-
-
-def model_version(prediction: str, hour) -> str:
-    """Names a model by the partition that trained it, so a score row says which training it came from."""
-    return f"{prediction}@{hour_token(hour)}"
 
 
 def job_name(run: PredictionRun, kind: str) -> str:
@@ -42,13 +39,37 @@ def metrics_table(candidates: dict[str, dict], chosen: str) -> str:
     return "| model | AUC | log-loss | Brier | ECE |\n|---|---|---|---|---|\n" + "\n".join(rows)
 
 
+def promotion(storage, run: PredictionRun, metrics: dict) -> dict:
+    """Promote unless the new model is clearly worse than the model in force (normalised log-loss, so label windows
+    with different base rates compare fairly)."""
+    chosen = metrics["metrics"][metrics["chosen"]]
+    new = quality.normalised_log_loss(chosen["log_loss"], chosen["positives"] / chosen["n"])
+    current_hour = model_in_force(storage, run.prediction, run.hour, before=True)
+    decision = {"normalised_log_loss": new, "compared_with": None, "promoted": True}
+    if current_hour is None:
+        return {**decision, "reason": "the first model of this prediction"}
+    current = storage.read_json(*promotion_parts(run.prediction, current_hour))
+    limit = current["normalised_log_loss"] * (1 + quality.PROMOTION_MARGIN)
+    promoted = new <= limit
+    verdict = "within" if promoted else "more than"
+    return {
+        **decision,
+        "compared_with": model_version(run.prediction, current_hour),
+        "promoted": promoted,
+        "reason": f"normalised log-loss {new:.4f} is {verdict} {quality.PROMOTION_MARGIN:.0%} of the model in force "
+        f"({current['normalised_log_loss']:.4f}, {model_version(run.prediction, current_hour)})",
+    }
+
+
 @dg.asset(
     partitions_def=prediction_hour_partitions,
     deps=[feature_matrix],
     group_name=PREDICTION_GROUP,
     kinds={"sagemaker", "scikitlearn", "tensorflow"},
+    check_specs=[checks.PROMOTION_GATE],
     description="Logistic regression, gradient boosting and a Keras network trained on 80% of the training users "
-    "(class-rebalanced); the one with the best log-loss on the other 20% is kept.",
+    "(class-rebalanced); the one with the best log-loss on the other 20% is kept, and promoted unless it is clearly "
+    "worse than the model in force.",
 )
 def model(context: dg.AssetExecutionContext, storage: LocalStorage, sagemaker: LocalSageMaker) -> dg.MaterializeResult:
     run = prediction_run(context, storage)
@@ -59,18 +80,29 @@ def model(context: dg.AssetExecutionContext, storage: LocalStorage, sagemaker: L
         "seed": SEED,
     }
     train_channel = Path(storage.path(*run.parts("feature_matrix", "train")))
+    if not train_channel.exists():
+        raise dg.Failure(
+            f"no training matrix for {run.prediction} at {hour_token(run.hour)}: materialise feature_matrix in the "
+            "same run as model (a scoring-only run does not build one)."
+        )
     with sagemaker.train(job_name(run, "train"), {"train": train_channel}, hyperparameters, context.log.info) as job:
         _copy_into_store(storage, job.model_dir, run.parts("model", "model"))
         _copy_into_store(storage, job.output_data_dir, run.parts("model", "output"))
+    # The model keeps the taxonomy it was trained with: scoring runs rebuild exactly these features.
+    storage.write_json(storage.read_json(*run.parts("taxonomy", TAXONOMY_FILE)), *run.parts("model", TAXONOMY_FILE))
     metrics = storage.read_json(*run.parts("model", "output", "metrics.json"))
+    decision = promotion(storage, run, metrics)
+    storage.write_json(decision, *promotion_parts(run.prediction, run.hour))
     chosen = metrics["chosen"]
     best = metrics["metrics"][chosen]
     return dg.MaterializeResult(
         metadata={
             "model_version": model_version(run.prediction, run.hour),
             "chosen_model": chosen,
+            "promoted": decision["promoted"],
             "auc": best["auc"],
             "log_loss": best["log_loss"],
+            "normalised_log_loss": decision["normalised_log_loss"],
             "brier": best["brier"],
             "ece_uncalibrated": best["ece"],
             "candidates": dg.MetadataValue.md(metrics_table(metrics["metrics"], chosen)),
@@ -79,5 +111,15 @@ def model(context: dg.AssetExecutionContext, storage: LocalStorage, sagemaker: L
             "positives": metrics["positives"],
             "path": dg.MetadataValue.path(storage.path(*run.parts("model"))),
             **run.describe(),
-        }
+        },
+        check_results=[
+            dg.AssetCheckResult(
+                check_name=checks.PROMOTION_GATE.name,
+                passed=decision["promoted"],
+                severity=dg.AssetCheckSeverity.WARN,
+                description=("Promoted: " if decision["promoted"] else "Not promoted, scores keep the model in force: ")
+                + decision["reason"]
+                + ".",
+            )
+        ],
     )

@@ -1,13 +1,13 @@
 """Registered predictions: their specs live in the store, their names are keys of the `prediction` partitions."""
 
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
 import dagster as dg
 
 from automl_assets.core import layout
 from automl_assets.core.spec import PredictionSpec, SpecError, spec_from_text
-from automl_assets.core.timewin import PartitionTimes, partition_times
+from automl_assets.core.timewin import PartitionTimes, hour_from_token, hour_token, is_cadence_hour, partition_times
 from automl_assets.partitions import PREDICTION, prediction_and_hour
 
 
@@ -61,3 +61,52 @@ def prediction_run(context: dg.AssetExecutionContext, storage) -> PredictionRun:
     spec = stored_spec(storage, prediction)
     times = partition_times(hour, spec.horizon_delta, spec.offset_delta, spec.lookback)
     return PredictionRun(prediction, spec, times)
+
+
+# A run tag that says whom a run scores: "active" (users seen in the partition's hour), "cohort" (everyone), or
+# "auto" (the whole cohort when the hour ends at midnight UTC, the daily run; active users otherwise).
+SCOPE_TAG = "automl/scope"
+SCOPES = ("auto", "active", "cohort")
+MODEL_KEY = dg.AssetKey("model")
+
+
+def scoring_scope(context: dg.AssetExecutionContext, run: PredictionRun) -> str:
+    scope = context.run.tags.get(SCOPE_TAG, "auto")
+    if scope not in SCOPES:
+        raise dg.Failure(f"run tag {SCOPE_TAG}={scope!r} is not one of {SCOPES}.")
+    if scope == "auto":
+        return "cohort" if is_cadence_hour(run.times.as_of, timedelta(days=1)) else "active"
+    return scope
+
+
+def trains_in_this_run(context: dg.AssetExecutionContext) -> bool:
+    """Training rows (features as of C, labels, training cohort) are built only when the run also trains a model:
+    an hourly scoring run reads one hour's worth of new data, not a second matrix."""
+    return MODEL_KEY in context.job_def.asset_layer.executable_asset_keys
+
+
+def model_version(prediction: str, hour: datetime) -> str:
+    """Names a model by the partition that trained it, so a score row says which training it came from."""
+    return f"{prediction}@{hour_token(hour)}"
+
+
+def promotion_parts(prediction: str, hour: datetime) -> tuple[str, ...]:
+    return layout.prediction_asset(prediction, "model", hour, "promotion.json")
+
+
+def trained_hours(storage, prediction: str) -> list[datetime]:
+    root = layout.prediction_asset_root(prediction, "model")
+    return sorted(hour_from_token(name.removeprefix("hour=")) for name in storage.list_dir(*root) if name.startswith("hour="))
+
+
+def model_in_force(storage, prediction: str, hour: datetime, before: bool = False) -> datetime | None:
+    """The hour of the newest promoted model trained at (or, with `before`, strictly before) `hour` whose
+    calibrator is stored: the model that scores that hour."""
+    for trained in reversed(trained_hours(storage, prediction)):
+        if trained > hour or (before and trained == hour):
+            continue
+        promotion = promotion_parts(prediction, trained)
+        calibrated = layout.prediction_asset(prediction, "calibrator", trained, "calibrator.json")
+        if storage.exists(*promotion) and storage.read_json(*promotion)["promoted"] and storage.exists(*calibrated):
+            return trained
+    return None

@@ -6,6 +6,7 @@ import dagster as dg
 
 from automl_assets.core.timewin import HOUR, hour_key
 from automl_assets.partitions import prediction_hour_key
+from automl_assets.predictions import SCOPE_TAG
 
 # Runs launched from the command line log warnings and errors only; the UI keeps every event either way.
 QUIET = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
@@ -43,13 +44,11 @@ def run_prediction(
     """The prediction chain (or `selection` of it) for one (hour, prediction) partition."""
     key = prediction_hour_key(prediction, hour_start)
     job = _job("prediction_job")
-    run_config = dict(QUIET)
-    if selection is None or "scores" in selection:
-        run_config["ops"] = {"scores": {"config": {"scope": scope}}}
     result = job.execute_in_process(
         instance=instance,
         partition_key=key,
-        run_config=run_config,
+        run_config=QUIET,
+        tags={SCOPE_TAG: scope},
         asset_selection=[dg.AssetKey(name) for name in selection] if selection else None,
         raise_on_error=False,
     )

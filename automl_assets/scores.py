@@ -1,28 +1,28 @@
-"""Scores: calibrated probabilities per user from the newest model trained at or before the hour, written per
-partition and merged into a queryable latest-score-per-user table."""
-
-from datetime import datetime
-from typing import Literal
+"""Scores: calibrated probabilities per user from the newest promoted model trained at or before the hour, written
+per partition and merged into a queryable latest-score-per-user table."""
 
 import dagster as dg
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-from pydantic import Field
+from dagster_pyspark import LazyPySparkResource
 
+from automl_assets import checks
 from automl_assets.calibrator import calibrator, calibrator_parts
 from automl_assets.core import layout
 from automl_assets.core.calibration import Calibrator
-from automl_assets.core.timewin import hour_from_token, is_cadence_hour
-from automl_assets.feature_matrix import feature_matrix, matrix_parts
-from automl_assets.model import job_name, model_version
+from automl_assets.core.feature_sql import Taxonomy
+from automl_assets.core.spark_jobs import prepare, register_rollups
+from automl_assets.core.timewin import hours_between
+from automl_assets.feature_matrix import feature_matrix, matrix_frame, matrix_parts
+from automl_assets.features import features_frame
+from automl_assets.model import job_name
 from automl_assets.partitions import prediction_hour_partitions
-from automl_assets.predictions import PredictionRun, prediction_run
-from automl_assets.taxonomy import PREDICTION_GROUP
+from automl_assets.predictions import PredictionRun, model_in_force, model_version, prediction_run, scoring_scope
+from automl_assets.taxonomy import PREDICTION_GROUP, TAXONOMY_FILE
 from resources.sagemaker import LocalSageMaker
 from resources.storage import LocalStorage
 
-DAY = pd.Timedelta(days=1).to_pytimedelta()
 SCORE_SCHEMA = pa.schema(
     [
         ("user_id", pa.string()),
@@ -33,31 +33,6 @@ SCORE_SCHEMA = pa.schema(
         ("scored_at", pa.timestamp("us", tz="UTC")),
     ]
 )
-
-
-class ScoresConfig(dg.Config):
-    scope: Literal["auto", "active", "cohort"] = Field(
-        default="auto",
-        description="'active': users active in the partition's hour; 'cohort': everyone in the cohort; 'auto': the "
-        "whole cohort on the daily run (the hour ending at midnight UTC), active users otherwise.",
-    )
-
-
-def newest_model_hour(storage, prediction: str, hour: datetime) -> datetime | None:
-    """The newest hour at or before `hour` whose model and calibrator are both stored."""
-    trained = [
-        hour_from_token(name.removeprefix("hour="))
-        for name in storage.list_dir(*layout.prediction_asset_root(prediction, "calibrator"))
-        if name.startswith("hour=")
-    ]
-    usable = [h for h in trained if h <= hour and storage.exists(*layout.prediction_asset(prediction, "model", h, "model"))]
-    return max(usable, default=None)
-
-
-def resolve_scope(run: PredictionRun, scope: str) -> str:
-    if scope != "auto":
-        return scope
-    return "cohort" if is_cadence_hour(run.times.as_of, DAY) else "active"
 
 
 def percentiles(scores: np.ndarray, reference: list[float]) -> np.ndarray:
@@ -78,28 +53,44 @@ def merge_latest(storage, prediction: str, new: pd.DataFrame) -> int:
     return len(latest)
 
 
+def inference_matrix(context, storage, spark: LazyPySparkResource, run: PredictionRun, trained_at, scope: str) -> pd.DataFrame:
+    """The partition's inference matrix, or — when the model in force was trained on another taxonomy (a retrain
+    whose model was not promoted) — the same matrix rebuilt with that model's features by the same code."""
+    model_taxonomy = storage.read_json(*layout.prediction_asset(run.prediction, "model", trained_at, TAXONOMY_FILE))["taxonomy"]
+    if model_taxonomy == storage.read_json(*run.parts("taxonomy", TAXONOMY_FILE))["taxonomy"]:
+        return pd.read_parquet(storage.path(*matrix_parts(run, "infer")))
+    context.log.warning(f"the model in force was trained on another taxonomy; rebuilding features for {run.prediction}")
+    session = prepare(spark.spark_session)
+    register_rollups(session, storage, hours_between(run.times.lookback_start, run.times.as_of))
+    features, columns = features_frame(session, Taxonomy.from_dict(model_taxonomy), run.times.as_of, scope == "active")
+    cohort = session.read.parquet(storage.path(*run.parts("cohort", "infer")))
+    return matrix_frame(session, cohort, features, columns).toPandas()
+
+
 @dg.asset(
     partitions_def=prediction_hour_partitions,
     deps=[calibrator, feature_matrix],
     group_name=PREDICTION_GROUP,
     kinds={"sagemaker", "parquet"},
-    description="user_id, prediction, score, percentile, model_version, scored_at: hourly for users active in the "
-    "hour, daily (hour ending at midnight UTC) for the whole cohort.",
+    check_specs=[checks.SCORES_COMPLETE],
+    description="user_id, prediction, score, percentile, model_version, scored_at from the newest promoted model "
+    "trained at or before the hour: hourly for users active in the hour, daily (hour ending at midnight UTC) for the "
+    "whole cohort. The run tag automl/scope (auto, active, cohort) overrides.",
 )
 def scores(
-    context: dg.AssetExecutionContext, config: ScoresConfig, storage: LocalStorage, sagemaker: LocalSageMaker
+    context: dg.AssetExecutionContext, storage: LocalStorage, spark: LazyPySparkResource, sagemaker: LocalSageMaker
 ) -> dg.MaterializeResult:
     run = prediction_run(context, storage)
-    trained_at = newest_model_hour(storage, run.prediction, run.hour)
+    trained_at = model_in_force(storage, run.prediction, run.hour)
     if trained_at is None:
         raise dg.Failure(
-            f"no model of {run.prediction} was trained at or before {run.hour.isoformat()}; materialise `model` and "
-            "`calibrator` for this or an earlier hour first."
+            f"no promoted model of {run.prediction} was trained at or before {run.hour.isoformat()}; materialise "
+            "`model` and `calibrator` for this or an earlier hour first."
         )
     version = model_version(run.prediction, trained_at)
     stored = storage.read_json(*calibrator_parts(run.prediction, trained_at))
-    scope = resolve_scope(run, config.scope)
-    matrix = pd.read_parquet(storage.path(*matrix_parts(run, "infer")))
+    scope = scoring_scope(context, run)
+    matrix = inference_matrix(context, storage, spark, run, trained_at, scope)
     if scope == "active":
         matrix = matrix[matrix["active_last_hour"] == 1]
     if matrix.empty:
@@ -139,6 +130,6 @@ def scores(
             "latest_table_users": latest_rows,
             "latest_table": dg.MetadataValue.path(storage.path(*layout.latest_scores(run.prediction))),
             **run.describe(),
-        }
+        },
+        check_results=[checks.scores_complete(matrix["user_id"], result)],
     )
-

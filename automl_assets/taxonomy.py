@@ -3,17 +3,20 @@
 import dagster as dg
 from dagster_pyspark import LazyPySparkResource
 
+from automl_assets.core import layout
+from automl_assets.core.feature_sql import Taxonomy
 from automl_assets.core.spark_jobs import prepare, register_rollups
 from automl_assets.core.taxonomy import event_stats_sql, property_stats_sql, select_taxonomy, user_property_stats_sql
 from automl_assets.core.timewin import epoch_hour, hours_between
 from automl_assets.events import hourly_rollups
 from automl_assets.partitions import prediction_hour_partitions
-from automl_assets.predictions import prediction_run
+from automl_assets.predictions import model_in_force, model_version, prediction_run, trains_in_this_run
 from resources.storage import LocalStorage
 
 # Prediction assets depend on the rollups of their own hour; the features read the whole lookback before it.
 SAME_HOUR = dg.MultiToSingleDimensionPartitionMapping(partition_dimension_name="hour")
 PREDICTION_GROUP = "prediction"
+TAXONOMY_FILE = "taxonomy.json"
 
 
 @dg.asset(
@@ -22,10 +25,19 @@ PREDICTION_GROUP = "prediction"
     group_name=PREDICTION_GROUP,
     kinds={"spark", "json"},
     description="Top events by volume, most-used event-property values and user-property values (with "
-    "cardinality caps) in the lookback before the training cutoff.",
+    "cardinality caps) in the lookback before the training cutoff; a scoring-only run reuses the taxonomy of the "
+    "model in force.",
 )
 def taxonomy(context: dg.AssetExecutionContext, storage: LocalStorage, spark: LazyPySparkResource) -> dg.MaterializeResult:
     run = prediction_run(context, storage)
+    in_force = None if trains_in_this_run(context) else model_in_force(storage, run.prediction, run.hour)
+    if in_force is not None:
+        # Scoring with an existing model: its features must be the ones it was trained on.
+        stored = storage.read_json(*layout.prediction_asset(run.prediction, "model", in_force, TAXONOMY_FILE))
+        storage.write_json(stored, *run.parts("taxonomy", TAXONOMY_FILE))
+        return dg.MaterializeResult(
+            metadata={"source": f"the model in force, {model_version(run.prediction, in_force)}", **summary(stored), **run.describe()}
+        )
     session = prepare(spark.spark_session)
     start, cutoff = run.times.train_lookback_start, run.times.train_cutoff
     register_rollups(session, storage, hours_between(start, cutoff))
@@ -47,18 +59,25 @@ def taxonomy(context: dg.AssetExecutionContext, storage: LocalStorage, spark: La
         user_property_values=spec.user_property_values,
         weeks=spec.lookback_weeks,
     )
-    storage.write_json({"taxonomy": chosen.to_dict(), "report": report, **run.describe()}, *run.parts("taxonomy", "taxonomy.json"))
     volumes = event_stats.set_index("event_type")["n"]
-    table = "\n".join(f"| {i + 1} | {e} | {int(volumes[e]):,} |" for i, e in enumerate(chosen.events))
-    return dg.MaterializeResult(
-        metadata={
-            "selected_events": dg.MetadataValue.md("| rank | event | events in lookback |\n|---|---|---|\n" + table),
-            "n_events": len(chosen.events),
-            "event_properties": dg.MetadataValue.json(
-                {f"{p.event_type}.{p.key}": list(p.values) for p in chosen.event_properties}
-            ),
-            "user_properties": dg.MetadataValue.json({p.key: list(p.values) for p in chosen.user_properties}),
-            "left_out": dg.MetadataValue.json(report),
-            **run.describe(),
-        }
-    )
+    stored = {
+        "taxonomy": chosen.to_dict(),
+        "report": report,
+        "volumes": {event: int(volumes[event]) for event in chosen.events},
+        **run.describe(),
+    }
+    storage.write_json(stored, *run.parts("taxonomy", TAXONOMY_FILE))
+    return dg.MaterializeResult(metadata={"source": "chosen from the lookback before the training cutoff", **summary(stored), **run.describe()})
+
+
+def summary(stored: dict) -> dict:
+    chosen = Taxonomy.from_dict(stored["taxonomy"])
+    volumes = stored["volumes"]
+    table = "\n".join(f"| {i + 1} | {e} | {volumes[e]:,} |" for i, e in enumerate(chosen.events))
+    return {
+        "selected_events": dg.MetadataValue.md("| rank | event | events in lookback |\n|---|---|---|\n" + table),
+        "n_events": len(chosen.events),
+        "event_properties": dg.MetadataValue.json({f"{p.event_type}.{p.key}": list(p.values) for p in chosen.event_properties}),
+        "user_properties": dg.MetadataValue.json({p.key: list(p.values) for p in chosen.user_properties}),
+        "left_out": dg.MetadataValue.json(stored["report"]),
+    }

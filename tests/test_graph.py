@@ -47,7 +47,6 @@ def materialise_prediction(instance, root):
         instance=instance,
         resources=resources(root),
         partition_key=prediction_hour_key(SPEC.name, HOUR_H),
-        run_config={"ops": {"scores": {"config": {"scope": "auto"}}}},
     )
 
 

@@ -101,11 +101,14 @@ class FeatureQuery:
     columns: tuple[str, ...]  # feature columns in matrix order (user_id comes first in the result)
 
 
-def feature_query(taxonomy: Taxonomy, as_of_hour: int) -> FeatureQuery:
+def feature_query(taxonomy: Taxonomy, as_of_hour: int, active_only: bool = False) -> FeatureQuery:
     """SQL for one row per user with any event in the lookback before `as_of_hour` (an epoch hour, exclusive):
     weekly counts per selected event, hours since its last occurrence, weekly revenue, event-property value counts
-    over the most recent weeks, and first/last user-property values one-hot. Nothing at or after the cutoff is read."""
+    over the most recent weeks, and first/last user-property values one-hot. Nothing at or after the cutoff is read.
+    `active_only` restricts the rows to users with an event in the last hour before the cutoff (before
+    aggregating, so an hourly run aggregates only their histories)."""
     names = _Names()
+    only = f" AND user_id IN (SELECT user_id FROM counts WHERE hour_idx = {as_of_hour - 1})" if active_only else ""
     weeks = taxonomy.weeks
     start = as_of_hour - weeks * HOURS_PER_WEEK
     never = weeks * HOURS_PER_WEEK + 1  # "hours since" for a user who never did it in the window
@@ -142,7 +145,7 @@ def feature_query(taxonomy: Taxonomy, as_of_hour: int) -> FeatureQuery:
         f"SELECT user_id, {', '.join(count_exprs)} FROM ("
         f"SELECT user_id, event_type, hour_idx, n, revenue, "
         f"CAST(FLOOR(({as_of_hour} - 1 - hour_idx) / {HOURS_PER_WEEK}) AS INT) AS wk FROM counts "
-        f"WHERE hour_idx >= {start} AND hour_idx < {as_of_hour}) c GROUP BY user_id"
+        f"WHERE hour_idx >= {start} AND hour_idx < {as_of_hour}{only}) c GROUP BY user_id"
     )
     parts = [("cnt", counts_sql, count_cols)]
 
@@ -161,7 +164,7 @@ def feature_query(taxonomy: Taxonomy, as_of_hour: int) -> FeatureQuery:
             (
                 "prp",
                 f"SELECT user_id, {', '.join(exprs)} FROM props "
-                f"WHERE hour_idx >= {prop_start} AND hour_idx < {as_of_hour} GROUP BY user_id",
+                f"WHERE hour_idx >= {prop_start} AND hour_idx < {as_of_hour}{only} GROUP BY user_id",
                 cols,
             )
         )
@@ -181,7 +184,7 @@ def feature_query(taxonomy: Taxonomy, as_of_hour: int) -> FeatureQuery:
         parts.append(
             (
                 "usr",
-                f"SELECT user_id, {', '.join(exprs)} FROM ({user_property_values_sql(as_of_hour, weeks, keys)}) u "
+                f"SELECT user_id, {', '.join(exprs)} FROM ({user_property_values_sql(as_of_hour, weeks, keys, only)}) u "
                 "GROUP BY user_id",
                 cols,
             )
@@ -199,10 +202,10 @@ def feature_query(taxonomy: Taxonomy, as_of_hour: int) -> FeatureQuery:
     return FeatureQuery(sql=f"SELECT {', '.join(select)} FROM {' '.join(joins)}", columns=columns)
 
 
-def user_property_values_sql(as_of_hour: int, weeks: int, keys_sql: str | None = None) -> str:
+def user_property_values_sql(as_of_hour: int, weeks: int, keys_sql: str | None = None, extra_filter: str = "") -> str:
     """Each user's first and last value of each user property seen in the lookback before the cutoff."""
     start = as_of_hour - weeks * HOURS_PER_WEEK
-    key_filter = f" AND prop_key IN ({keys_sql})" if keys_sql else ""
+    key_filter = (f" AND prop_key IN ({keys_sql})" if keys_sql else "") + extra_filter
     return (
         "SELECT user_id, prop_key, MIN_BY(first_value, first_time) AS first_value, "
         "MAX_BY(last_value, last_time) AS last_value FROM users "
