@@ -3,14 +3,17 @@
 import dagster as dg
 
 from automl_assets import calibrator, cohort, events, feature_matrix, features, labels, model, scores, taxonomy
-from jobs import event_store_job, prediction_job
+from jobs import event_store_job, prediction_job, scoring_job
 from resources.environments import resources_for_env
+from schedules import schedules, sensors
 
 ASSET_MODULES = [events, taxonomy, features, labels, cohort, feature_matrix, model, calibrator, scores]
 
 defs = dg.Definitions(
     assets=dg.load_assets_from_modules(ASSET_MODULES),
-    jobs=[event_store_job, prediction_job],
+    jobs=[event_store_job, prediction_job, scoring_job],
+    schedules=schedules,
+    sensors=sensors,
     resources=resources_for_env(),
     # One process per run: Spark starts once per run, and steps share it.
     executor=dg.in_process_executor,

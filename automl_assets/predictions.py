@@ -20,6 +20,18 @@ def register_prediction(instance: dg.DagsterInstance, storage, spec: PredictionS
     return True
 
 
+def active_predictions(storage) -> list[str]:
+    """Predictions whose spec is in the store (a removed spec is retired: its history stays, its runs stop)."""
+    return [name.removesuffix(".yaml") for name in storage.list_dir(*layout.specs_root()) if name.endswith(".yaml")]
+
+
+def retire_prediction(storage, prediction: str) -> None:
+    """Stop scheduling a prediction; its partitions, models and scores stay for history."""
+    spec = storage.read_bytes(*layout.spec_file(prediction))
+    storage.write_bytes(spec, *layout.retired_spec_file(prediction))
+    storage.remove(*layout.spec_file(prediction))
+
+
 def stored_spec(storage, prediction: str) -> PredictionSpec:
     parts = layout.spec_file(prediction)
     if not storage.exists(*parts):

@@ -4,6 +4,7 @@ import os
 
 from resources.sagemaker import LocalSageMaker
 from resources.spark import spark_resource
+from resources.spec_folder import SpecFolder
 from resources.storage import LocalStorage
 
 DEFAULT_STORAGE_ROOT = ".automl_store"
@@ -24,4 +25,5 @@ def resources_for_env(name: str | None = None) -> dict:
             master=os.environ.get("AUTOML_SPARK_MASTER") or None, remote=os.environ.get("AUTOML_SPARK_REMOTE") or None
         ),
         "sagemaker": LocalSageMaker(work_root=os.environ.get("AUTOML_SAGEMAKER_ROOT", "")),
+        "spec_folder": SpecFolder(path=os.environ.get("AUTOML_SPECS_DIR") or "predictions"),
     }

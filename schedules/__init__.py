@@ -1,1 +1,257 @@
-"""Schedules and sensors that keep predictions fresh without a human (see docs/automation.md)."""
+"""Schedules and sensors: the graph runs itself once a prediction is defined (docs/automation.md).
+
+- every hour: ingest the hour that just ended; when an ingest run succeeds, score each prediction's newest hour
+  (users active in it), or retrain first when the prediction's `retrain_every` cadence is due;
+- every day: score each prediction's whole cohort as of midnight UTC;
+- sensors: spec files (register, first training, retire), new raw files (ingest), drift (retrain).
+"""
+
+import hashlib
+import json
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import dagster as dg
+import numpy as np
+import pandas as pd
+
+from automl_assets.core import event_store, layout, quality
+from automl_assets.core.spec import SpecError, load_spec
+from automl_assets.core.timewin import HOUR, floor_hour, hour_from_token, hour_key, is_cadence_hour
+from automl_assets.partitions import PREDICTION, prediction_hour_key
+from automl_assets.predictions import (
+    SCOPE_TAG,
+    active_predictions,
+    model_in_force,
+    retire_prediction,
+    stored_spec,
+)
+from automl_assets.runs import RANGE_END_TAG, RANGE_START_TAG
+from jobs import event_store_job, prediction_job, scoring_job
+from resources.spec_folder import SpecFolder
+from resources.storage import LocalStorage
+
+RUNNING = dg.DefaultScheduleStatus.RUNNING
+SENSOR_RUNNING = dg.DefaultSensorStatus.RUNNING
+REASON_TAG = "automl/reason"
+STAGING_SECONDS_PER_TICK = 20  # staging parses files inside the sensor: bound a tick's work, the cursor resumes
+
+
+def newest_stored_hour(storage) -> datetime | None:
+    hours = storage.list_dir(*layout.events_root())
+    return hour_from_token(hours[-1].removeprefix("hour=")) if hours else None
+
+
+def retrain_due(storage, prediction: str, hour: datetime) -> bool:
+    spec = stored_spec(storage, prediction)
+    return model_in_force(storage, prediction, hour) is None or is_cadence_hour(hour + HOUR, spec.retrain_delta)
+
+
+def prediction_request(storage, prediction: str, hour: datetime, scope: str, reason: str, train: bool | None = None) -> dg.RunRequest:
+    """A run of the prediction chain for (hour, prediction): the whole chain when training is due (or asked),
+    the scoring path otherwise."""
+    train = retrain_due(storage, prediction, hour) if train is None else train
+    job = prediction_job if train else scoring_job
+    return dg.RunRequest(
+        run_key=f"{job.name}|{prediction}|{hour_key(hour)}|{scope}|{hashlib.sha1(reason.encode()).hexdigest()[:8]}",
+        job_name=job.name,
+        partition_key=prediction_hour_key(prediction, hour),
+        tags={SCOPE_TAG: scope, REASON_TAG: reason},
+    )
+
+
+def range_request(start: datetime, end: datetime, run_key: str) -> dg.RunRequest:
+    """One event-store run for the hours [start, end)."""
+    return dg.RunRequest(
+        run_key=run_key,
+        job_name=event_store_job.name,
+        tags={RANGE_START_TAG: hour_key(start), RANGE_END_TAG: hour_key(end - HOUR)},
+    )
+
+
+@dg.schedule(
+    cron_schedule="5 * * * *",
+    job=event_store_job,
+    execution_timezone="UTC",
+    default_status=RUNNING,
+    description="Ingest and roll up the hour that just ended (5 minutes later, for late files).",
+)
+def hourly_ingest(context: dg.ScheduleEvaluationContext) -> dg.RunRequest:
+    hour = floor_hour(context.scheduled_execution_time) - HOUR
+    return range_request(hour, hour + HOUR, run_key=f"hourly|{hour_key(hour)}")
+
+
+@dg.run_status_sensor(
+    run_status=dg.DagsterRunStatus.SUCCESS,
+    monitored_jobs=[event_store_job],
+    request_jobs=[prediction_job, scoring_job],
+    default_status=SENSOR_RUNNING,
+    description="After new events are in: score every prediction's newest hour (users active in it), retraining "
+    "first when its cadence is due.",
+)
+def score_after_ingest(context: dg.RunStatusSensorContext, storage: LocalStorage):
+    tags = context.dagster_run.tags
+    end_key = tags.get(RANGE_END_TAG) or tags.get("dagster/partition")
+    if not end_key:
+        return dg.SkipReason("the ingest run has no hour range tags")
+    hour = datetime.strptime(end_key, "%Y-%m-%d-%H:%M").replace(tzinfo=timezone.utc)
+    return [prediction_request(storage, name, hour, "active", "new events") for name in active_predictions(storage)]
+
+
+@dg.schedule(
+    cron_schedule="30 0 * * *",
+    job=scoring_job,
+    execution_timezone="UTC",
+    default_status=RUNNING,
+    description="Score every prediction's whole cohort as of midnight UTC.",
+)
+def daily_scoring(context: dg.ScheduleEvaluationContext, storage: LocalStorage):
+    hour = floor_hour(context.scheduled_execution_time).replace(hour=0) - HOUR
+    requests = [
+        prediction_request(storage, name, hour, "cohort", "daily", train=False)
+        for name in active_predictions(storage)
+        if model_in_force(storage, name, hour) is not None
+    ]
+    return requests or dg.SkipReason("no prediction has a model yet")
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
+@dg.sensor(
+    jobs=[prediction_job],
+    minimum_interval_seconds=30,
+    default_status=SENSOR_RUNNING,
+    description="Registers each new or changed spec in the specs folder and requests its first training and "
+    "scoring; a removed spec is retired (its schedules stop, its history stays).",
+)
+def prediction_specs(context: dg.SensorEvaluationContext, storage: LocalStorage, spec_folder: SpecFolder):
+    seen: dict[str, str] = json.loads(context.cursor) if context.cursor else {}
+    folder = Path(spec_folder.path)
+    files = {p.stem: p for p in sorted(folder.glob("*.yaml"))} if folder.is_dir() else {}
+    current, partitions, runs, notes = {}, [], [], []
+    newest = newest_stored_hour(storage)
+    for name, path in files.items():
+        digest = _digest(path)
+        current[name] = digest
+        if seen.get(name) == digest:
+            continue
+        try:
+            spec = load_spec(path)
+        except SpecError as error:
+            notes.append(str(error))
+            continue
+        storage.write_bytes(spec.to_yaml().encode(), *layout.spec_file(spec.name))
+        if not context.instance.has_dynamic_partition(PREDICTION, spec.name):
+            partitions.append(spec.name)
+        if newest is None:
+            notes.append(f"registered {spec.name}; the event store is empty, so training waits for events")
+            continue
+        runs.append(prediction_request(storage, spec.name, newest, "cohort", f"spec {digest}", train=True))
+        notes.append(f"registered {spec.name}: training and scoring at {hour_key(newest)}")
+    for name in sorted(set(seen) - set(files)):
+        if storage.exists(*layout.spec_file(name)):
+            retire_prediction(storage, name)
+            notes.append(f"retired {name}: its spec file was removed (history kept)")
+    for note in notes:
+        context.log.info(note)
+    return dg.SensorResult(
+        run_requests=runs,
+        dynamic_partitions_requests=[dg.DynamicPartitionsDefinition(name=PREDICTION).build_add_request(partitions)]
+        if partitions
+        else [],
+        cursor=json.dumps(current, sort_keys=True),
+        skip_reason=None if runs else dg.SkipReason("; ".join(notes) or "no new or changed spec"),
+    )
+
+
+@dg.sensor(
+    jobs=[event_store_job],
+    minimum_interval_seconds=30,
+    default_status=SENSOR_RUNNING,
+    description="Stages raw files newly dropped under landing/ and requests one ingest run over the hours they touch.",
+)
+def new_raw_events(context: dg.SensorEvaluationContext, storage: LocalStorage):
+    seen = set(json.loads(context.cursor)) if context.cursor else set()
+    fresh = []
+    for path in event_store.landing_files(storage):
+        stat = path.stat()
+        marker = f"{path}|{stat.st_size}|{stat.st_mtime_ns}"
+        if marker not in seen:
+            fresh.append((marker, path))
+    if not fresh:
+        return dg.SkipReason("no new files under landing/")
+    deadline = time.monotonic() + STAGING_SECONDS_PER_TICK
+    batch, hours, digests = [], set(), []
+    for marker, path in fresh:
+        if batch and time.monotonic() > deadline:
+            break
+        manifest = event_store.stage_file(storage, path)
+        hours.update(hour_from_token(token) for token in manifest["hours"])
+        digests.append(manifest["digest"])
+        batch.append((marker, path))
+    cursor = json.dumps(sorted(seen | {marker for marker, _ in batch}))
+    if not hours:
+        return dg.SensorResult(skip_reason=dg.SkipReason("new files hold no valid event"), cursor=cursor)
+    run_key = "landing|" + hashlib.sha256("".join(sorted(digests)).encode()).hexdigest()[:16]
+    return dg.SensorResult(run_requests=[range_request(min(hours), max(hours) + HOUR, run_key)], cursor=cursor)
+
+
+def drift_report(storage, prediction: str) -> tuple[float, str] | None:
+    """The worst PSI between the training matrix of the model in force and the newest inference matrix (features
+    and calibrated scores), with a sentence naming where it is."""
+    newest = newest_stored_hour(storage)
+    trained = model_in_force(storage, prediction, newest) if newest else None
+    infer_hours = storage.list_dir(*layout.prediction_asset_root(prediction, "feature_matrix"))
+    if trained is None or not infer_hours:
+        return None
+    latest = hour_from_token(infer_hours[-1].removeprefix("hour="))
+    train = pd.read_parquet(storage.path(*layout.prediction_asset(prediction, "feature_matrix", trained, "train", "matrix.parquet")))
+    infer_path = layout.prediction_asset(prediction, "feature_matrix", latest, "infer", "matrix.parquet")
+    if latest <= trained or not storage.exists(*infer_path):
+        return None
+    infer = pd.read_parquet(storage.path(*infer_path))
+    shifts = {
+        column: quality.population_stability_index(train[column].to_numpy(), infer[column].to_numpy())
+        for column in train.columns
+        if column not in ("user_id", "label") and column in infer.columns
+    }
+    scores_path = layout.prediction_asset(prediction, "scores", latest, "scores.parquet")
+    if storage.exists(*scores_path):
+        reference = storage.read_json(*layout.prediction_asset(prediction, "calibrator", trained, "calibrator.json"))["reference_quantiles"]
+        shifts["score"] = quality.population_stability_index(np.asarray(reference), pd.read_parquet(storage.path(*scores_path))["score"].to_numpy())
+    worst = max(shifts, key=shifts.get)
+    return shifts[worst], f"PSI {shifts[worst]:.2f} on {worst} between the training matrix of {hour_key(trained)} and the inference matrix of {hour_key(latest)}"
+
+
+@dg.sensor(
+    jobs=[prediction_job],
+    minimum_interval_seconds=1800,
+    default_status=SENSOR_RUNNING,
+    description=f"Requests a retrain when a feature's or the score's PSI between the training matrix and the newest "
+    f"inference matrix exceeds {quality.PSI_RETRAIN}.",
+)
+def drift(context: dg.SensorEvaluationContext, storage: LocalStorage):
+    requested: dict[str, str] = json.loads(context.cursor) if context.cursor else {}
+    runs, notes = [], []
+    newest = newest_stored_hour(storage)
+    for name in active_predictions(storage):
+        report = drift_report(storage, name)
+        if report is None:
+            continue
+        psi, why = report
+        notes.append(f"{name}: {why}")
+        if psi > quality.PSI_RETRAIN and requested.get(name) != hour_key(newest):
+            runs.append(prediction_request(storage, name, newest, "active", f"drift: {why}", train=True))
+            requested[name] = hour_key(newest)
+    return dg.SensorResult(
+        run_requests=runs,
+        cursor=json.dumps(requested, sort_keys=True),
+        skip_reason=None if runs else dg.SkipReason("; ".join(notes) or "nothing to compare yet"),
+    )
+
+
+schedules = [hourly_ingest, daily_scoring]
+sensors = [score_after_ingest, prediction_specs, new_raw_events, drift]

@@ -41,8 +41,16 @@ def rollup_hour(kind: str, hour_start: datetime) -> tuple[str, ...]:
     return (*rollup_root(kind), f"hour={hour_token(hour_start)}")
 
 
+def specs_root() -> tuple[str, ...]:
+    return ("specs",)
+
+
 def spec_file(prediction: str) -> tuple[str, ...]:
-    return ("specs", f"{prediction}.yaml")
+    return (*specs_root(), f"{prediction}.yaml")
+
+
+def retired_spec_file(prediction: str) -> tuple[str, ...]:
+    return (*specs_root(), "retired", f"{prediction}.yaml")
 
 
 def prediction_asset_root(prediction: str, asset: str) -> tuple[str, ...]:

@@ -1,0 +1,151 @@
+"""Schedules and sensors, evaluated as the daemon would (build_schedule_context / build_sensor_context)."""
+
+import gzip
+import json
+
+import dagster as dg
+import numpy as np
+import pandas as pd
+import pytest
+
+from automl_assets.core import layout
+from automl_assets.core.event_store import write_events
+from automl_assets.core.spec import parse_spec
+from automl_assets.core.timewin import HOUR
+from automl_assets.partitions import prediction_hour_key
+from automl_assets.predictions import SCOPE_TAG, active_predictions
+from automl_assets.runs import RANGE_END_TAG, RANGE_START_TAG
+from resources.spec_folder import SpecFolder
+from schedules import REASON_TAG, daily_scoring, drift, hourly_ingest, new_raw_events, prediction_specs, retrain_due
+from tests.conftest import events_table, utc
+
+SPEC = "name: buy_7d\noutcome:\n  event: purchase\nhorizon: 7d\n"
+NEWEST = utc(2026, 3, 2, 4)
+
+
+@pytest.fixture
+def store_with_events(storage):
+    write_events(storage, events_table([{"user_id": "u1", "event_type": "view", "event_time": NEWEST.replace(minute=3)}]))
+    return storage
+
+
+def sensor_context(instance, storage, cursor=None, folder=None):
+    resources = {"storage": storage, "spec_folder": SpecFolder(path=str(folder or storage.base / "nowhere"))}
+    return dg.build_sensor_context(instance=instance, cursor=cursor, resources=resources)
+
+
+def fake_model(storage, prediction: str, hour, promoted=True):
+    """What the model and calibrator assets leave in the store, reduced to what scheduling reads."""
+    storage.write_json({"promoted": promoted, "normalised_log_loss": 0.8}, *layout.prediction_asset(prediction, "model", hour, "promotion.json"))
+    storage.write_json({"reference_quantiles": list(np.linspace(0.01, 0.9, 101))}, *layout.prediction_asset(prediction, "calibrator", hour, "calibrator.json"))
+
+
+def test_spec_sensor_registers_trains_updates_and_retires(tmp_path, store_with_events):
+    storage = store_with_events
+    folder = tmp_path / "specs"
+    folder.mkdir()
+    (folder / "buy_7d.yaml").write_text(SPEC)
+    with dg.instance_for_test() as instance:
+        first = prediction_specs(sensor_context(instance, storage, folder=folder))
+        assert first.dynamic_partitions_requests[0].partition_keys == ["buy_7d"]
+        (request,) = first.run_requests
+        assert request.job_name == "prediction_job"
+        assert request.partition_key == prediction_hour_key("buy_7d", NEWEST)
+        assert request.tags[SCOPE_TAG] == "cohort"
+        assert active_predictions(storage) == ["buy_7d"]
+
+        instance.add_dynamic_partitions("prediction", ["buy_7d"])
+        unchanged = prediction_specs(sensor_context(instance, storage, first.cursor, folder))
+        assert not unchanged.run_requests
+
+        (folder / "buy_7d.yaml").write_text(SPEC + "lookback_weeks: 4\n")
+        changed = prediction_specs(sensor_context(instance, storage, first.cursor, folder))
+        assert len(changed.run_requests) == 1 and not changed.dynamic_partitions_requests
+        assert "lookback_weeks: 4" in storage.read_bytes(*layout.spec_file("buy_7d")).decode()
+
+        (folder / "buy_7d.yaml").unlink()
+        removed = prediction_specs(sensor_context(instance, storage, changed.cursor, folder))
+        assert not removed.run_requests
+        assert active_predictions(storage) == []
+        assert storage.exists(*layout.retired_spec_file("buy_7d"))
+        assert instance.has_dynamic_partition("prediction", "buy_7d")  # history stays
+
+
+def test_spec_sensor_reports_an_invalid_spec_and_registers_nothing(tmp_path, store_with_events):
+    folder = tmp_path / "specs"
+    folder.mkdir()
+    (folder / "bad.yaml").write_text("name: bad\noutcome: {event: x}\nhorizon: soon\n")
+    with dg.instance_for_test() as instance:
+        result = prediction_specs(sensor_context(instance, store_with_events, folder=folder))
+    assert not result.run_requests and not result.dynamic_partitions_requests
+    assert "horizon: 'soon' is not a duration" in result.skip_reason.skip_message
+
+
+def test_hourly_schedule_ingests_the_hour_that_just_ended():
+    context = dg.build_schedule_context(scheduled_execution_time=utc(2026, 3, 2, 5, 5))
+    request = hourly_ingest(context)
+    assert request.tags[RANGE_START_TAG] == request.tags[RANGE_END_TAG] == "2026-03-02-04:00"
+
+
+def test_daily_schedule_scores_whole_cohorts_with_the_model_in_force(store_with_events):
+    storage = store_with_events
+    storage.write_bytes(parse_spec({"name": "buy_7d", "outcome": {"event": "purchase"}, "horizon": "7d"}).to_yaml().encode(), *layout.spec_file("buy_7d"))
+    context = dg.build_schedule_context(scheduled_execution_time=utc(2026, 3, 2, 0, 30), resources={"storage": storage})
+    assert isinstance(daily_scoring(context), dg.SkipReason)  # no model yet
+    fake_model(storage, "buy_7d", utc(2026, 3, 1, 12))
+    (request,) = daily_scoring(dg.build_schedule_context(scheduled_execution_time=utc(2026, 3, 2, 0, 30), resources={"storage": storage}))
+    assert request.job_name == "scoring_job"
+    assert request.partition_key == prediction_hour_key("buy_7d", utc(2026, 3, 1, 23))
+    assert request.tags[SCOPE_TAG] == "cohort"
+
+
+def test_retraining_follows_the_cadence(store_with_events):
+    storage = store_with_events
+    storage.write_bytes(parse_spec({"name": "buy_7d", "outcome": {"event": "purchase"}, "horizon": "7d"}).to_yaml().encode(), *layout.spec_file("buy_7d"))
+    assert retrain_due(storage, "buy_7d", utc(2026, 3, 2, 5))  # no model yet
+    fake_model(storage, "buy_7d", utc(2026, 3, 1, 23))
+    assert not retrain_due(storage, "buy_7d", utc(2026, 3, 2, 5))
+    assert retrain_due(storage, "buy_7d", utc(2026, 3, 2, 23))  # daily cadence: the hour ending at midnight
+    fake_model(storage, "buy_7d", utc(2026, 3, 2, 6), promoted=False)
+    assert not retrain_due(storage, "buy_7d", utc(2026, 3, 2, 7))
+
+
+def test_new_raw_files_trigger_one_ingest_run_over_their_hours(storage):
+    folder = storage.base / "landing" / "amplitude"
+    folder.mkdir(parents=True)
+    lines = [
+        {"event_type": "view", "user_id": "u1", "event_time": "2026-03-02 04:59:59", "insert_id": "a"},
+        {"event_type": "view", "user_id": "u1", "event_time": "2026-03-02 06:00:00", "insert_id": "b"},
+    ]
+    with gzip.open(folder / "export.json.gz", "wt") as handle:
+        handle.writelines(json.dumps(line) + "\n" for line in lines)
+    with dg.instance_for_test() as instance:
+        result = new_raw_events(sensor_context(instance, storage))
+        (request,) = result.run_requests
+        assert request.job_name == "event_store_job"
+        assert (request.tags[RANGE_START_TAG], request.tags[RANGE_END_TAG]) == ("2026-03-02-04:00", "2026-03-02-06:00")
+        again = new_raw_events(sensor_context(instance, storage, result.cursor))
+        assert isinstance(again, dg.SkipReason)
+
+
+def test_drift_sensor_requests_a_retrain_and_says_why(store_with_events):
+    storage = store_with_events
+    storage.write_bytes(parse_spec({"name": "buy_7d", "outcome": {"event": "purchase"}, "horizon": "7d"}).to_yaml().encode(), *layout.spec_file("buy_7d"))
+    trained, latest = utc(2026, 3, 1, 0), NEWEST
+    fake_model(storage, "buy_7d", trained)
+    rng = np.random.default_rng(0)
+    train = pd.DataFrame({"user_id": [f"u{i}" for i in range(2000)], "label": 0, "f__view__w1": rng.poisson(2, 2000).astype(float)})
+    for hour, frame in ((trained, train), (latest, train.drop(columns="label"))):
+        role = "train" if hour == trained else "infer"
+        path = storage.base.joinpath(*layout.prediction_asset("buy_7d", "feature_matrix", hour, role, "matrix.parquet"))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        frame.to_parquet(path)
+    with dg.instance_for_test() as instance:
+        assert not drift(sensor_context(instance, storage)).run_requests  # same distribution
+        shifted = train.drop(columns="label").assign(f__view__w1=rng.poisson(9, 2000).astype(float))
+        shifted.to_parquet(storage.base.joinpath(*layout.prediction_asset("buy_7d", "feature_matrix", latest, "infer", "matrix.parquet")))
+        result = drift(sensor_context(instance, storage))
+        (request,) = result.run_requests
+        assert request.job_name == "prediction_job"
+        assert "f__view__w1" in request.tags[REASON_TAG] and "PSI" in request.tags[REASON_TAG]
+        assert not drift(sensor_context(instance, storage, result.cursor)).run_requests  # once per hour

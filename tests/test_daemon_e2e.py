@@ -1,0 +1,176 @@
+"""A user's view: the Dagster webserver and daemon on 127.0.0.1 run the graph by themselves.
+
+Raw files are dropped under landing/, then a spec into the watched folder; with no other action, the sensors ingest,
+register, train and score. Then a backfill launched over GraphQL (as the UI does) completes in one run."""
+
+import gzip
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+from automl_assets.core.synthetic import SyntheticConfig, generate_events, write_amplitude_export
+from tests.conftest import utc
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+END = utc(2026, 3, 2)
+SPEC = """name: buy_7d
+outcome:
+  event: purchase
+horizon: 7d
+cohort:
+  active_within: 14d
+lookback_weeks: 2
+models: [logistic_regression, hist_gradient_boosting]
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start(command: list[str], env: dict, log: Path) -> subprocess.Popen:
+    # Its own process group with default signal handlers, so that stopping it stops everything it started.
+    def restore_signals():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_DFL)
+
+    return subprocess.Popen(command, cwd=ROOT, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=restore_signals)
+
+
+def stop(process: subprocess.Popen) -> None:
+    for sig, wait in ((signal.SIGINT, 15), (signal.SIGTERM, 10), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            process.wait(wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+class Dagster:
+    def __init__(self, url: str):
+        self.url = url
+
+    def query(self, text: str, **variables) -> dict:
+        response = requests.post(self.url, json={"query": text, "variables": variables}, timeout=60)
+        response.raise_for_status()
+        body = response.json()
+        assert "errors" not in body, body["errors"]
+        return body["data"]
+
+    def runs(self, job: str) -> list[dict]:
+        data = self.query(
+            "query($f: RunsFilter) { runsOrError(filter: $f) { ... on Runs { results { runId status tags { key value } } } } }",
+            f={"pipelineName": job},
+        )
+        return data["runsOrError"]["results"]
+
+    def materialised_partitions(self, asset: str) -> set[str]:
+        data = self.query(
+            "query($k: AssetKeyInput!) { assetOrError(assetKey: $k) { ... on Asset { assetMaterializations(limit: 1000) { partition } } } }",
+            k={"path": [asset]},
+        )
+        found = data["assetOrError"].get("assetMaterializations") or []
+        return {m["partition"] for m in found}
+
+
+def wait_for(what: str, condition, timeout: float, logs: list[Path]):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = condition()
+        if result:
+            return result
+        time.sleep(3)
+    tails = "\n".join(f"--- {log.name}\n" + log.read_text()[-4000:] for log in logs)
+    pytest.fail(f"timed out waiting for {what}\n{tails}")
+
+
+@pytest.fixture(scope="module")
+def dagster(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("e2e")
+    home, store, specs = tmp / "dagster_home", tmp / "store", tmp / "specs"
+    for folder in (home, store, specs):
+        folder.mkdir()
+    landing = store / "landing" / "synthetic"
+    for chunk in generate_events(SyntheticConfig(n_users=5000, end=END, weeks=3, seed=3)):
+        write_amplitude_export(chunk, landing)
+    env = {
+        **os.environ,
+        "DAGSTER_HOME": str(home),
+        "AUTOML_STORAGE_ROOT": str(store),
+        "AUTOML_SPECS_DIR": str(specs),
+        "AUTOML_SAGEMAKER_ROOT": str(tmp / "sagemaker"),
+    }
+    port = free_port()
+    webserver = start([str(BIN / "dagster-webserver"), "-h", "127.0.0.1", "-p", str(port), "-w", "workspace.yaml"], env, tmp / "webserver.log")
+    daemon = start([str(BIN / "dagster-daemon"), "run", "-w", "workspace.yaml"], env, tmp / "daemon.log")
+    logs = [tmp / "webserver.log", tmp / "daemon.log"]
+    try:
+        client = Dagster(f"http://127.0.0.1:{port}/graphql")
+
+        def up():
+            try:
+                return client.query("{ version }")
+            except requests.RequestException:
+                return None
+
+        wait_for("the webserver", up, 120, logs)
+        yield client, specs, logs
+    finally:
+        stop(daemon)
+        stop(webserver)
+
+
+def test_sensors_ingest_register_train_and_score_without_any_other_action(dagster):
+    client, specs, logs = dagster
+
+    def ingested():
+        return any(run["status"] == "SUCCESS" for run in client.runs("event_store_job"))
+
+    wait_for("the new-data sensor's ingest run", ingested, 600, logs)
+    (specs / "buy_7d.yaml").write_text(SPEC)
+    partition = "2026-03-01-23:00|buy_7d"
+    wait_for("scores of the new prediction", lambda: partition in client.materialised_partitions("scores"), 900, logs)
+    assert partition in client.materialised_partitions("model")
+    assert partition in client.materialised_partitions("calibrator")
+
+
+def test_a_backfill_launched_like_the_ui_completes_in_one_run(dagster):
+    client, _, logs = dagster
+    hours = ["2026-02-20-00:00", "2026-02-20-01:00", "2026-02-20-02:00", "2026-02-20-03:00"]
+    launched = client.query(
+        "mutation($p: LaunchBackfillParams!) { launchPartitionBackfill(backfillParams: $p) { __typename "
+        "... on LaunchBackfillSuccess { backfillId } ... on PythonError { message } } }",
+        p={"partitionNames": hours, "assetSelection": [{"path": ["events"]}, {"path": ["hourly_rollups"]}]},
+    )["launchPartitionBackfill"]
+    assert launched["__typename"] == "LaunchBackfillSuccess", launched
+    backfill_id = launched["backfillId"]
+
+    def finished():
+        data = client.query(
+            "query($id: String!) { partitionBackfillOrError(backfillId: $id) { ... on PartitionBackfill { status } } }",
+            id=backfill_id,
+        )
+        status = data["partitionBackfillOrError"]["status"]
+        return status if status in ("COMPLETED", "COMPLETED_SUCCESS", "FAILED", "COMPLETED_FAILED") else None
+
+    assert wait_for("the backfill", finished, 600, logs) in ("COMPLETED", "COMPLETED_SUCCESS")
+    backfill_runs = [
+        run for job in ("event_store_job", "__ASSET_JOB") for run in client.runs(job)
+        if any(tag["key"] == "dagster/backfill" and tag["value"] == backfill_id for tag in run["tags"])
+    ]
+    assert len(backfill_runs) == 1  # four hours of two assets: one run, one Spark job per rollup kind
