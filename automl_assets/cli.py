@@ -98,6 +98,24 @@ def cmd_materialize(args) -> int:
     return 0
 
 
+def cmd_backfill(args) -> int:
+    from automl_assets.core.timewin import HOUR, hour_from_key, hours_between
+    from automl_assets.predictions import active_predictions
+    from automl_assets.runs import run_event_store, run_prediction
+    from schedules import retrain_due
+
+    instance, storage = _instance(), _storage()
+    start, end = hour_from_key(args.start), hour_from_key(args.end) + HOUR
+    run_event_store(instance, start, end)
+    print(f"event store: {len(hours_between(start, end))} hours in one run")
+    for prediction in args.prediction or active_predictions(storage):
+        for hour in hours_between(start, end):
+            train = retrain_due(storage, prediction, hour)
+            run_prediction(instance, prediction, hour, args.scope, train=train)
+            print(f"{prediction} at {hour.strftime('%Y-%m-%d-%H:%M')}: {'trained and scored' if train else 'scored'}")
+    return 0
+
+
 def latest_scores_for(storage, user_id: str, prediction: str | None = None) -> pd.DataFrame:
     from automl_assets.core import layout
 
@@ -159,6 +177,13 @@ def build_parser() -> argparse.ArgumentParser:
     materialize.add_argument("hour", help="hour partition key, e.g. 2026-03-01-23:00")
     materialize.add_argument("--scope", choices=["auto", "active", "cohort"], default="auto")
     materialize.set_defaults(func=cmd_materialize)
+
+    backfill = commands.add_parser("backfill", help="ingest a range of hours (one run), then run each prediction's hours")
+    backfill.add_argument("start", help="first hour partition key, e.g. 2026-03-01-00:00")
+    backfill.add_argument("end", help="last hour partition key (inclusive)")
+    backfill.add_argument("--prediction", action="append", help="limit to these predictions (repeatable)")
+    backfill.add_argument("--scope", choices=["auto", "active", "cohort"], default="auto")
+    backfill.set_defaults(func=cmd_backfill)
 
     scores = commands.add_parser("scores", help="a user's latest scores")
     scores.add_argument("user")

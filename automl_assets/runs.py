@@ -39,17 +39,15 @@ def run_event_store(instance: dg.DagsterInstance, start: datetime, end: datetime
 
 
 def run_prediction(
-    instance: dg.DagsterInstance, prediction: str, hour_start: datetime, scope: str = "auto", selection=None
+    instance: dg.DagsterInstance, prediction: str, hour_start: datetime, scope: str = "auto", train: bool = True
 ) -> dg.ExecuteInProcessResult:
-    """The prediction chain (or `selection` of it) for one (hour, prediction) partition."""
-    key = prediction_hour_key(prediction, hour_start)
-    job = _job("prediction_job")
+    """The prediction chain for one (hour, prediction) partition: training and scoring, or scoring only."""
+    job = _job("prediction_job" if train else "scoring_job")
     result = job.execute_in_process(
         instance=instance,
-        partition_key=key,
+        partition_key=prediction_hour_key(prediction, hour_start),
         run_config=QUIET,
         tags={SCOPE_TAG: scope},
-        asset_selection=[dg.AssetKey(name) for name in selection] if selection else None,
         raise_on_error=False,
     )
-    return _raise_on_failure(result, f"prediction run for {prediction} at {hour_key(hour_start)}")
+    return _raise_on_failure(result, f"{job.name} run for {prediction} at {hour_key(hour_start)}")

@@ -1,0 +1,86 @@
+"""The `automl` command as a user runs it."""
+
+from pathlib import Path
+
+import dagster as dg
+import pyarrow as pa
+import pyarrow.parquet  # noqa: F401  (pa.parquet)
+import pytest
+
+from automl_assets.cli import main
+from automl_assets.core import layout
+from automl_assets.core.event_store import write_events
+from automl_assets.core.timewin import hours_between
+from resources.storage import LocalStorage
+from tests.conftest import events_table, utc
+
+SAMPLE = Path(__file__).resolve().parent.parent / "predictions" / "purchase_7d.yaml"
+
+
+@pytest.fixture
+def env(tmp_path, monkeypatch):
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("AUTOML_STORAGE_ROOT", str(tmp_path / "store"))
+    (tmp_path / "home").mkdir()
+    return LocalStorage(root=str(tmp_path / "store"))
+
+
+def test_register_adds_the_partition_and_stores_the_spec(env, capsys):
+    assert main(["register", str(SAMPLE)]) == 0
+    assert "registered prediction 'purchase_7d'" in capsys.readouterr().out
+    assert env.exists(*layout.spec_file("purchase_7d"))
+    with dg.DagsterInstance.get() as instance:
+        assert instance.has_dynamic_partition("prediction", "purchase_7d")
+    assert main(["register", str(SAMPLE)]) == 0
+    assert "updated prediction 'purchase_7d'" in capsys.readouterr().out
+
+
+def test_register_rejects_a_bad_spec_with_its_reasons(env, tmp_path, capsys):
+    bad = tmp_path / "x.yaml"
+    bad.write_text("name: x\noutcome: {event: buy}\nhorizon: 7 days\n")
+    assert main(["register", str(bad)]) == 2
+    assert "horizon: '7 days' is not a duration" in capsys.readouterr().err
+
+
+def test_scores_prints_a_users_latest_scores(env, capsys):
+    table = pa.table(
+        {
+            "user_id": ["u1", "u2"],
+            "prediction": ["buy_7d"] * 2,
+            "score": [0.3, 0.1],
+            "percentile": [90.0, 40.0],
+            "model_version": ["buy_7d@2026-03-01T23"] * 2,
+            "scored_at": pa.array([utc(2026, 3, 2)] * 2, pa.timestamp("us", tz="UTC")),
+        }
+    )
+    env.write_table(table, *layout.latest_scores("buy_7d"))
+    assert main(["scores", "u1"]) == 0
+    out = capsys.readouterr().out
+    assert "u1" in out and "0.3" in out and "u2" not in out
+    assert main(["scores", "nobody"]) == 1
+
+
+def test_backfill_is_one_event_store_run_and_idempotent(env):
+    start = utc(2026, 3, 1, 5)
+    rows = [
+        {"user_id": f"u{i}", "event_type": "view", "event_time": start.replace(hour=5 + i % 3, minute=i), "event_properties": {"page": "home"}, "user_properties": {"plan": "free"}}
+        for i in range(30)
+    ]
+    write_events(env, events_table(rows))
+    hours = hours_between(start, utc(2026, 3, 1, 8))
+
+    def snapshot():
+        return {
+            str(path.relative_to(env.base)): pa.parquet.read_table(path)
+            for path in sorted(env.base.glob("rollups/*/hour=*/*.parquet")) + sorted(env.base.glob("events/hour=*/*.parquet"))
+        }
+
+    assert main(["backfill", "2026-03-01-05:00", "2026-03-01-07:00"]) == 0
+    first = snapshot()
+    assert len(first) == 4 * len(hours)  # events + three rollup kinds per hour
+    assert main(["backfill", "2026-03-01-05:00", "2026-03-01-07:00"]) == 0
+    second = snapshot()
+    assert first.keys() == second.keys() and all(first[k].equals(second[k]) for k in first)
+    with dg.DagsterInstance.get() as instance:
+        runs = instance.get_run_records(dg.RunsFilter(job_name="event_store_job"))
+        assert len(runs) == 2  # one run per backfill, whatever the number of hours
