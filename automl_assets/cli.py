@@ -193,8 +193,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import warnings
+
+    import dagster as dg
+
     from automl_assets.core.ingest import IngestError
     from automl_assets.core.spec import SpecError
+
+    # The beta APIs are used on purpose (see pyproject's pytest settings); their notices only clutter the terminal.
+    warnings.filterwarnings("ignore", category=dg.BetaWarning)
 
     args = build_parser().parse_args(argv)
     try:
