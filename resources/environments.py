@@ -7,9 +7,6 @@ from resources.spark import spark_resource
 from resources.spec_folder import SpecFolder
 from resources.storage import LocalStorage
 
-DEFAULT_STORAGE_ROOT = ".automl_store"
-
-
 def resources_for_env(name: str | None = None) -> dict:
     """`local` (the default): a local store folder, embedded Spark (or the cluster named by AUTOML_SPARK_MASTER /
     AUTOML_SPARK_REMOTE) and SageMaker's entry script run locally. Nothing connects until a resource is used."""
@@ -20,7 +17,7 @@ def resources_for_env(name: str | None = None) -> dict:
             "are not implemented yet, see docs/status.md)."
         )
     return {
-        "storage": LocalStorage(root=os.environ.get("AUTOML_STORAGE_ROOT") or DEFAULT_STORAGE_ROOT),
+        "storage": LocalStorage(),
         "spark": spark_resource(
             master=os.environ.get("AUTOML_SPARK_MASTER") or None, remote=os.environ.get("AUTOML_SPARK_REMOTE") or None
         ),

@@ -15,14 +15,21 @@ import pyarrow.parquet as pq
 from pydantic import Field
 
 
+DEFAULT_ROOT = ".automl_store"
+
+
 class LocalStorage(dg.ConfigurableResource):
     """The store in a local directory (`root`, relative paths are taken from the working directory)."""
 
-    root: str = Field(default=".automl_store", description="Folder that holds the event lake and every artefact.")
+    root: str = Field(
+        default="",
+        description="Folder that holds the event lake and every artefact; empty means $AUTOML_STORAGE_ROOT, else "
+        f"./{DEFAULT_ROOT}. Resolved when used, so a process that sets the variable later still gets it.",
+    )
 
     @property
     def base(self) -> Path:
-        return Path(self.root).expanduser().resolve()
+        return Path(self.root or os.environ.get("AUTOML_STORAGE_ROOT") or DEFAULT_ROOT).expanduser().resolve()
 
     def path(self, *parts: str) -> str:
         """Absolute path of a stored object, in the form Spark, pyarrow and pandas all accept."""

@@ -127,3 +127,23 @@ def test_well_supported_steps_follow_isotonic():
 def test_fit_needs_both_classes():
     with pytest.raises(ValueError, match="both classes"):
         fit_calibrator(np.linspace(0, 1, 100), np.zeros(100))
+
+
+def test_an_aging_population_keeps_honest_probabilities_out_of_time():
+    """Fit on one window; score a later population whose raw scores drifted upward past the fitted range (users
+    grew more active). The true relation is unchanged, so a calibrator that holds out of time stays close to the
+    truth where plain isotonic regression pins every drifted user to its last step."""
+    rng = np.random.default_rng(11)
+    x_fit = rng.normal(size=3000)
+    fit_label = (rng.random(3000) < expit(2 * x_fit - 1)).astype(int)
+    calibrator = fit_calibrator(expit(x_fit), fit_label)
+    x_later = rng.normal(loc=2.0, size=3000)  # the population a week on
+    later_label = (rng.random(3000) < expit(2 * x_later - 1)).astype(int)
+    raw_later = expit(x_later)
+    assert (raw_later > max(expit(x_fit))).sum() > 100  # many scores lie beyond the fitted range
+    blended = calibrator.predict(raw_later)
+    plain_isotonic = np.clip(calibrator.isotonic(raw_later), 1e-15, 1 - 1e-15)
+    low, high = calibrator.bounds
+    assert blended.min() >= low and blended.max() <= high
+    assert log_loss(later_label, blended) < log_loss(later_label, plain_isotonic)
+    assert expected_calibration_error(later_label, blended) < 0.05

@@ -14,7 +14,6 @@ from automl_assets.core.timewin import (
     is_cadence_hour,
     parse_duration,
     partition_times,
-    weekly_windows,
 )
 from tests.conftest import utc
 
@@ -56,11 +55,7 @@ def test_keys_tokens_and_epoch_hours_agree():
     assert epoch_hour(hour + HOUR) == epoch_hour(hour) + 1
 
 
-def test_windows_are_half_open_and_newest_first():
-    as_of = utc(2026, 3, 10)
-    windows = weekly_windows(as_of, 3)
-    assert windows[0] == (utc(2026, 3, 3), as_of)
-    assert all(newer[0] == older[1] for newer, older in zip(windows, windows[1:]))
+def test_hour_ranges_are_half_open():
     assert hours_between(utc(2026, 3, 1, 22), utc(2026, 3, 2, 1)) == [utc(2026, 3, 1, 22), utc(2026, 3, 1, 23), utc(2026, 3, 2, 0)]
     assert hours_between(utc(2026, 3, 2), utc(2026, 3, 2)) == []
 

@@ -24,7 +24,3 @@ QUARANTINE_SCHEMA = pa.schema(
         pa.field("raw", pa.string()),
     ]
 )
-
-
-def empty_events() -> pa.Table:
-    return EVENT_SCHEMA.empty_table()

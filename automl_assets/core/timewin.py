@@ -71,10 +71,6 @@ def from_epoch_hour(index: int) -> datetime:
     return _EPOCH + index * HOUR
 
 
-def epoch_micros(moment: datetime) -> int:
-    return (utc(moment) - _EPOCH) // timedelta(microseconds=1)
-
-
 def hours_between(start: datetime, end: datetime) -> list[datetime]:
     """Starts of the hours covering [start, end); both must be on the hour."""
     for moment in (start, end):
@@ -82,11 +78,6 @@ def hours_between(start: datetime, end: datetime) -> list[datetime]:
             raise ValueError(f"{moment} is not on the hour.")
     count = int((utc(end) - utc(start)) // HOUR)
     return [utc(start) + i * HOUR for i in range(max(count, 0))]
-
-
-def weekly_windows(as_of: datetime, weeks: int) -> list[tuple[datetime, datetime]]:
-    """[as_of - 7d, as_of), [as_of - 14d, as_of - 7d), ... newest first."""
-    return [(as_of - (i + 1) * WEEK, as_of - i * WEEK) for i in range(weeks)]
 
 
 @dataclass(frozen=True)
