@@ -15,6 +15,6 @@ defs = dg.Definitions(
     schedules=schedules,
     sensors=sensors,
     resources=resources_for_env(),
-    # One process per run: Spark starts once per run, and steps share it.
+    # One process per run: the engine (a DuckDB connection or a Spark session) starts once per run, steps share it.
     executor=dg.in_process_executor,
 )

@@ -2,16 +2,15 @@
 rollups (user x event counts and property values), the incremental building block of every feature."""
 
 import dagster as dg
-from dagster_pyspark import LazyPySparkResource
 
 from automl_assets import checks
 from automl_assets.core import event_store, layout
-from automl_assets.core.spark_jobs import build_rollups, prepare
 from automl_assets.core.timewin import HOUR, hour_from_token, hours_between
 from automl_assets.partitions import hour_range, hourly_partitions
+from resources.engine import EngineResource
 from resources.storage import LocalStorage
 
-# A backfill of many hours is one run (and one Spark job per rollup kind), not one run per hour.
+# A backfill of many hours is one run (and one query per rollup kind), not one run per hour.
 RANGE_POLICY = dg.BackfillPolicy.single_run()
 FRESHNESS_LIMIT = 3 * HOUR  # an hour's files may arrive an hour or two late; three hours without any is an outage
 
@@ -73,15 +72,15 @@ def events(context: dg.AssetExecutionContext, storage: LocalStorage) -> dg.Mater
     backfill_policy=RANGE_POLICY,
     deps=[events],
     group_name="event_store",
-    kinds={"spark", "parquet"},
+    kinds={"duckdb", "spark", "parquet"},
     description="Per hour: events per user and event type, event-property value counts and user-property "
     "first/last values. Features sum these, so an hourly refresh reads one new hour of raw events.",
 )
 def hourly_rollups(
-    context: dg.AssetExecutionContext, storage: LocalStorage, spark: LazyPySparkResource
+    context: dg.AssetExecutionContext, storage: LocalStorage, engine: EngineResource
 ) -> dg.MaterializeResult:
     start, end = hour_range(context)
-    rows = build_rollups(prepare(spark.spark_session), storage, hours_between(start, end))
+    rows = engine.engine().build_rollups(storage, hours_between(start, end))
     return dg.MaterializeResult(
         metadata={
             "hours": len(hours_between(start, end)),

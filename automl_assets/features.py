@@ -4,15 +4,13 @@ of the training cutoff (for training) and as of the partition's end (for inferen
 from datetime import datetime
 
 import dagster as dg
-from dagster_pyspark import LazyPySparkResource
-from pyspark.sql import DataFrame, SparkSession
 
-from automl_assets.core.feature_sql import Taxonomy, feature_query
-from automl_assets.core.spark_jobs import prepare, register_rollups, write_frame
+from automl_assets.core.feature_sql import FeatureQuery, Taxonomy, feature_query
 from automl_assets.core.timewin import epoch_hour, hours_between
 from automl_assets.partitions import prediction_hour_partitions
 from automl_assets.predictions import PredictionRun, prediction_run, scoring_scope, trains_in_this_run
 from automl_assets.taxonomy import PREDICTION_GROUP, TAXONOMY_FILE, taxonomy
+from resources.engine import EngineResource
 from resources.storage import LocalStorage
 
 
@@ -26,35 +24,35 @@ def roles(context: dg.AssetExecutionContext, run: PredictionRun) -> dict[str, da
     return {**cutoffs, "infer": run.times.as_of}
 
 
-def features_frame(session: SparkSession, chosen: Taxonomy, cutoff: datetime, only_active: bool) -> tuple[DataFrame, tuple[str, ...]]:
+def features_query(chosen: Taxonomy, cutoff: datetime, only_active: bool) -> FeatureQuery:
     """The feature rows as of `cutoff` over the registered rollup views; `only_active` keeps the users seen in the
     hour before the cutoff (the hourly scoring set), so an hourly run computes features for them alone."""
-    query = feature_query(chosen, epoch_hour(cutoff), active_only=only_active)
-    return session.sql(query.sql), query.columns
+    return feature_query(chosen, epoch_hour(cutoff), active_only=only_active)
 
 
 @dg.asset(
     partitions_def=prediction_hour_partitions,
     deps=[taxonomy],
     group_name=PREDICTION_GROUP,
-    kinds={"spark", "parquet"},
+    kinds={"duckdb", "spark", "parquet"},
     description="Per user: counts in 8 rolling weeks per selected event, recency, revenue, event-property value "
     "counts and first/last user-property values, as of the training cutoff (training runs) and as of the "
     "partition's end (for everyone on the daily run, for the users active in the hour otherwise).",
 )
 def feature_aggregates(
-    context: dg.AssetExecutionContext, storage: LocalStorage, spark: LazyPySparkResource
+    context: dg.AssetExecutionContext, storage: LocalStorage, engine: EngineResource
 ) -> dg.MaterializeResult:
     run = prediction_run(context, storage)
-    session = prepare(spark.spark_session)
+    sql = engine.engine()
     chosen = load_taxonomy(storage, run)
     cutoffs = roles(context, run)
-    register_rollups(session, storage, hours_between(min(cutoffs.values()) - run.spec.lookback, run.times.as_of))
+    sql.register_rollups(storage, hours_between(min(cutoffs.values()) - run.spec.lookback, run.times.as_of))
     scope = scoring_scope(context, run)
     rows = {}
     for role, cutoff in cutoffs.items():
-        frame, columns = features_frame(session, chosen, cutoff, only_active=role == "infer" and scope == "active")
-        rows[role] = write_frame(frame, storage, run.parts("feature_aggregates", role))
+        query = features_query(chosen, cutoff, only_active=role == "infer" and scope == "active")
+        rows[role] = sql.write(query.sql, storage, run.parts("feature_aggregates", role))
+    columns = query.columns
     storage.write_json(list(columns), *run.parts("feature_aggregates", "columns.json"))
     return dg.MaterializeResult(
         metadata={

@@ -1,15 +1,14 @@
 """Labels: each user's outcome in the label window [C + offset, A) after the training cutoff C."""
 
 import dagster as dg
-from dagster_pyspark import LazyPySparkResource
 
 from automl_assets.core.feature_sql import label_query
-from automl_assets.core.spark_jobs import prepare, read_events, write_frame
 from automl_assets.core.timewin import hours_between
 from automl_assets.events import events
 from automl_assets.partitions import prediction_hour_partitions
 from automl_assets.predictions import prediction_run
 from automl_assets.taxonomy import PREDICTION_GROUP, SAME_HOUR, taxonomy
+from resources.engine import EngineResource
 from resources.storage import LocalStorage
 
 
@@ -17,17 +16,17 @@ from resources.storage import LocalStorage
     partitions_def=prediction_hour_partitions,
     deps=[taxonomy, dg.AssetDep(events, partition_mapping=SAME_HOUR)],
     group_name=PREDICTION_GROUP,
-    kinds={"spark", "parquet"},
+    kinds={"duckdb", "spark", "parquet"},
     description="Users with the outcome in the label window after the training cutoff, and how much of it. "
     "The window is a whole number of hour files, so no event at or after A is read.",
 )
-def labels(context: dg.AssetExecutionContext, storage: LocalStorage, spark: LazyPySparkResource) -> dg.MaterializeResult:
+def labels(context: dg.AssetExecutionContext, storage: LocalStorage, engine: EngineResource) -> dg.MaterializeResult:
     run = prediction_run(context, storage)
-    session = prepare(spark.spark_session)
+    sql = engine.engine()
     outcome = run.spec.outcome
-    read_events(session, storage, hours_between(run.times.label_start, run.times.label_end)).createOrReplaceTempView("ev")
+    sql.register_events(storage, hours_between(run.times.label_start, run.times.label_end))
     query = label_query(outcome.event, outcome.where, sum_revenue=not outcome.is_classification)
-    positives = write_frame(session.sql(query), storage, run.parts("labels", "labels"))
+    positives = sql.write(query, storage, run.parts("labels", "labels"))
     return dg.MaterializeResult(
         metadata={
             "users_with_outcome": positives,

@@ -5,22 +5,21 @@ import dagster as dg
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-from dagster_pyspark import LazyPySparkResource
 
 from automl_assets import checks
 from automl_assets.calibrator import calibrator, calibrator_parts
 from automl_assets.core import layout
 from automl_assets.core.calibration import Calibrator
 from automl_assets.core.feature_sql import Taxonomy
-from automl_assets.core.spark_jobs import prepare, register_rollups
 from automl_assets.core.timewin import hours_between
-from automl_assets.feature_matrix import feature_matrix, matrix_frame, matrix_parts
-from automl_assets.features import features_frame
+from automl_assets.feature_matrix import feature_matrix, matrix_parts, matrix_sql
+from automl_assets.features import features_query
 from automl_assets.model import job_name
 from automl_assets.partitions import prediction_hour_partitions
 from automl_assets.predictions import PredictionRun, model_in_force, model_version, prediction_run, scoring_scope
 from automl_assets.taxonomy import PREDICTION_GROUP, TAXONOMY_FILE
 from resources.sagemaker import LocalSageMaker
+from resources.engine import EngineResource
 from resources.storage import LocalStorage
 
 SCORE_SCHEMA = pa.schema(
@@ -53,18 +52,18 @@ def merge_latest(storage, prediction: str, new: pd.DataFrame) -> int:
     return len(latest)
 
 
-def inference_matrix(context, storage, spark: LazyPySparkResource, run: PredictionRun, trained_at, scope: str) -> pd.DataFrame:
+def inference_matrix(context, storage, engine: EngineResource, run: PredictionRun, trained_at, scope: str) -> pd.DataFrame:
     """The partition's inference matrix, or — when the model in force was trained on another taxonomy (a retrain
     whose model was not promoted) — the same matrix rebuilt with that model's features by the same code."""
     model_taxonomy = storage.read_json(*layout.prediction_asset(run.prediction, "model", trained_at, TAXONOMY_FILE))["taxonomy"]
     if model_taxonomy == storage.read_json(*run.parts("taxonomy", TAXONOMY_FILE))["taxonomy"]:
         return pd.read_parquet(storage.path(*matrix_parts(run, "infer")))
     context.log.warning(f"the model in force was trained on another taxonomy; rebuilding features for {run.prediction}")
-    session = prepare(spark.spark_session)
-    register_rollups(session, storage, hours_between(run.times.lookback_start, run.times.as_of))
-    features, columns = features_frame(session, Taxonomy.from_dict(model_taxonomy), run.times.as_of, scope == "active")
-    cohort = session.read.parquet(storage.path(*run.parts("cohort", "infer")))
-    return matrix_frame(session, cohort, features, columns).toPandas()
+    sql = engine.engine()
+    sql.register_rollups(storage, hours_between(run.times.lookback_start, run.times.as_of))
+    query = features_query(Taxonomy.from_dict(model_taxonomy), run.times.as_of, scope == "active")
+    sql.register_query("features", query.sql)
+    return sql.to_pandas(matrix_sql(sql, storage.path(*run.parts("cohort", "infer")), query.columns))
 
 
 @dg.asset(
@@ -78,7 +77,7 @@ def inference_matrix(context, storage, spark: LazyPySparkResource, run: Predicti
     "whole cohort. The run tag automl/scope (auto, active, cohort) overrides.",
 )
 def scores(
-    context: dg.AssetExecutionContext, storage: LocalStorage, spark: LazyPySparkResource, sagemaker: LocalSageMaker
+    context: dg.AssetExecutionContext, storage: LocalStorage, engine: EngineResource, sagemaker: LocalSageMaker
 ) -> dg.MaterializeResult:
     run = prediction_run(context, storage)
     trained_at = model_in_force(storage, run.prediction, run.hour)
@@ -90,7 +89,7 @@ def scores(
     version = model_version(run.prediction, trained_at)
     stored = storage.read_json(*calibrator_parts(run.prediction, trained_at))
     scope = scoring_scope(context, run)
-    matrix = inference_matrix(context, storage, spark, run, trained_at, scope)
+    matrix = inference_matrix(context, storage, engine, run, trained_at, scope)
     if scope == "active":
         matrix = matrix[matrix["active_last_hour"] == 1]
     if matrix.empty:

@@ -1,16 +1,15 @@
 """Taxonomy: the events and property values a prediction's features are built from, chosen from the data."""
 
 import dagster as dg
-from dagster_pyspark import LazyPySparkResource
 
 from automl_assets.core import layout
 from automl_assets.core.feature_sql import Taxonomy
-from automl_assets.core.spark_jobs import prepare, register_rollups
 from automl_assets.core.taxonomy import event_stats_sql, property_stats_sql, select_taxonomy, user_property_stats_sql
 from automl_assets.core.timewin import epoch_hour, hours_between
 from automl_assets.events import hourly_rollups
 from automl_assets.partitions import prediction_hour_partitions
 from automl_assets.predictions import model_in_force, model_version, prediction_run, trains_in_this_run
+from resources.engine import EngineResource
 from resources.storage import LocalStorage
 
 # Prediction assets depend on the rollups of their own hour; the features read the whole lookback before it.
@@ -23,12 +22,12 @@ TAXONOMY_FILE = "taxonomy.json"
     partitions_def=prediction_hour_partitions,
     deps=[dg.AssetDep(hourly_rollups, partition_mapping=SAME_HOUR)],
     group_name=PREDICTION_GROUP,
-    kinds={"spark", "json"},
+    kinds={"duckdb", "spark", "json"},
     description="Top events by volume, most-used event-property values and user-property values (with "
     "cardinality caps) in the lookback before the training cutoff; a scoring-only run reuses the taxonomy of the "
     "model in force.",
 )
-def taxonomy(context: dg.AssetExecutionContext, storage: LocalStorage, spark: LazyPySparkResource) -> dg.MaterializeResult:
+def taxonomy(context: dg.AssetExecutionContext, storage: LocalStorage, engine: EngineResource) -> dg.MaterializeResult:
     run = prediction_run(context, storage)
     in_force = None if trains_in_this_run(context) else model_in_force(storage, run.prediction, run.hour)
     if in_force is not None:
@@ -38,11 +37,11 @@ def taxonomy(context: dg.AssetExecutionContext, storage: LocalStorage, spark: La
         return dg.MaterializeResult(
             metadata={"source": f"the model in force, {model_version(run.prediction, in_force)}", **summary(stored), **run.describe()}
         )
-    session = prepare(spark.spark_session)
+    sql = engine.engine()
     start, cutoff = run.times.train_lookback_start, run.times.train_cutoff
-    register_rollups(session, storage, hours_between(start, cutoff))
+    sql.register_rollups(storage, hours_between(start, cutoff))
     window = (epoch_hour(start), epoch_hour(cutoff))
-    event_stats = session.sql(event_stats_sql(*window)).toPandas()
+    event_stats = sql.to_pandas(event_stats_sql(*window))
     if event_stats.empty:
         raise dg.Failure(
             f"no events in the lookback [{start.isoformat()}, {cutoff.isoformat()}) before the training cutoff of "
@@ -51,8 +50,8 @@ def taxonomy(context: dg.AssetExecutionContext, storage: LocalStorage, spark: La
     spec = run.spec
     chosen, report = select_taxonomy(
         event_stats,
-        session.sql(property_stats_sql(*window)).toPandas(),
-        session.sql(user_property_stats_sql(*window)).toPandas(),
+        sql.to_pandas(property_stats_sql(*window)),
+        sql.to_pandas(user_property_stats_sql(*window)),
         top_events=spec.top_events,
         top_properties=spec.top_properties,
         max_property_values=spec.max_property_values,

@@ -1,15 +1,32 @@
-"""The one place that chooses resources by environment (AUTOML_ENV)."""
+"""The one place that chooses resources by environment (AUTOML_ENV) and engine (AUTOML_ENGINE)."""
 
 import os
 
+from resources.engine import DuckDBEngineResource, EngineResource, SparkEngineResource
 from resources.sagemaker import LocalSageMaker
-from resources.spark import spark_resource
+from resources.spark import spark_config
 from resources.spec_folder import SpecFolder
 from resources.storage import LocalStorage
 
-def resources_for_env(name: str | None = None) -> dict:
-    """`local` (the default): a local store folder, embedded Spark (or the cluster named by AUTOML_SPARK_MASTER /
-    AUTOML_SPARK_REMOTE) and SageMaker's entry script run locally. Nothing connects until a resource is used."""
+ENGINES = ("duckdb", "spark")
+
+
+def engine_resource(name: str | None = None) -> EngineResource:
+    """DuckDB embedded unless Spark is asked for by name or by pointing at a Spark master / Spark Connect server."""
+    spark_master = os.environ.get("AUTOML_SPARK_MASTER") or None
+    spark_remote = os.environ.get("AUTOML_SPARK_REMOTE") or None
+    name = name or os.environ.get("AUTOML_ENGINE") or ("spark" if spark_master or spark_remote else "duckdb")
+    if name not in ENGINES:
+        raise ValueError(f"AUTOML_ENGINE={name!r} is not an engine of this project; use one of {ENGINES}.")
+    if name == "spark":
+        return SparkEngineResource(spark_config=spark_config(master=spark_master, remote=spark_remote))
+    return DuckDBEngineResource()
+
+
+def resources_for_env(name: str | None = None, engine: str | None = None) -> dict:
+    """`local` (the default): a local store folder, the SQL engine (DuckDB embedded, or Spark local / a cluster by
+    AUTOML_ENGINE, AUTOML_SPARK_MASTER, AUTOML_SPARK_REMOTE) and SageMaker's entry script run locally. Nothing
+    connects until a resource is used."""
     name = name or os.environ.get("AUTOML_ENV", "local")
     if name != "local":
         raise ValueError(
@@ -18,9 +35,7 @@ def resources_for_env(name: str | None = None) -> dict:
         )
     return {
         "storage": LocalStorage(),
-        "spark": spark_resource(
-            master=os.environ.get("AUTOML_SPARK_MASTER") or None, remote=os.environ.get("AUTOML_SPARK_REMOTE") or None
-        ),
+        "engine": engine_resource(engine),
         "sagemaker": LocalSageMaker(work_root=os.environ.get("AUTOML_SAGEMAKER_ROOT", "")),
         "spec_folder": SpecFolder(path=os.environ.get("AUTOML_SPECS_DIR") or "predictions"),
     }

@@ -1,11 +1,9 @@
-"""Spark: embedded `local[*]` by default; a cluster by configuration (a master URL or Spark Connect `sc://`).
+"""Spark settings: embedded `local[*]`, or a cluster by configuration (a master URL or Spark Connect `sc://`).
 
-The session is dagster-pyspark's lazy resource, created on first use; the project runs each run's steps in one
-process, so a run starts Spark once."""
+The session comes from dagster-pyspark's lazy resource (resources/engine.py), created on first use; each run's
+steps share one process, so a run starts Spark once."""
 
-from dagster_pyspark import LazyPySparkResource
-
-# Settings every engine gets: UTC so timestamps never shift, small shuffles for hour-sized data.
+# Settings every Spark session gets: UTC so timestamps never shift, small shuffles for hour-sized data.
 COMMON_SPARK_CONFIG = {
     "spark.sql.session.timeZone": "UTC",
     "spark.sql.shuffle.partitions": "8",
@@ -23,11 +21,8 @@ EMBEDDED_SPARK_CONFIG = {
 }
 
 
-def spark_resource(master: str | None = None, remote: str | None = None) -> LazyPySparkResource:
+def spark_config(master: str | None = None, remote: str | None = None) -> dict[str, str]:
     """Embedded Spark, or the cluster named by a master URL (spark://, yarn, k8s://) or a Spark Connect URL."""
     if remote:
-        return LazyPySparkResource(spark_config={"spark.remote": remote})
-    config = dict(EMBEDDED_SPARK_CONFIG)
-    if master:
-        config["spark.master"] = master
-    return LazyPySparkResource(spark_config=config)
+        return {"spark.remote": remote}
+    return {**EMBEDDED_SPARK_CONFIG, **({"spark.master": master} if master else {})}

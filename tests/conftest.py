@@ -1,20 +1,31 @@
 import os
 from datetime import datetime, timezone
 
+import duckdb
 import pyarrow as pa
 import pytest
 
+from automl_assets.core.engines import DuckDBEngine, SparkEngine
+
 from automl_assets.core.schema import EVENT_SCHEMA
-from resources.spark import spark_resource
+from resources.environments import ENGINES
+from resources.engine import SparkEngineResource
+from resources.spark import spark_config
 from resources.storage import LocalStorage
 
 
 @pytest.fixture(scope="session")
-def spark():
+def spark_session():
     """The Spark the suite was started with: the Spark Connect server of scripts/test.sh, else embedded local[*]."""
-    from automl_assets.core.spark_jobs import prepare
+    return SparkEngineResource(spark_config=spark_config(remote=os.environ.get("AUTOML_SPARK_REMOTE") or None)).spark_session
 
-    return prepare(spark_resource(remote=os.environ.get("AUTOML_SPARK_REMOTE") or None).spark_session)
+
+@pytest.fixture(params=ENGINES)
+def engine(request):
+    """Each engine in turn: the same definitions must give the same answers on both."""
+    if request.param == "spark":
+        return SparkEngine(request.getfixturevalue("spark_session"))
+    return DuckDBEngine(duckdb.connect())
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""Window boundaries and leakage, through the same Spark plumbing and SQL the assets run."""
+"""Window boundaries and leakage, through the same engines and SQL the assets run (each test on both engines)."""
 
 from datetime import timedelta
 
@@ -7,7 +7,6 @@ import pytest
 
 from automl_assets.core.event_store import write_events
 from automl_assets.core.feature_sql import Taxonomy, UserProperty, cohort_query, feature_query, label_query
-from automl_assets.core.spark_jobs import build_rollups, read_events, register_rollups
 from automl_assets.core.timewin import epoch_hour, hours_between, partition_times
 from tests.conftest import events_table, utc
 
@@ -18,7 +17,7 @@ C, A = TIMES.train_cutoff, TIMES.as_of  # C = 2026-03-09 12:00, A = 2026-03-10 1
 
 
 @pytest.fixture
-def boundary_store(storage, spark):
+def boundary_store(storage, engine):
     rows = [
         # just before the training cutoff: a training feature, never a label
         {"user_id": "before_c", "event_type": "purchase", "event_time": C - MICRO, "user_properties": {"plan": "free"}},
@@ -34,19 +33,19 @@ def boundary_store(storage, spark):
     ]
     write_events(storage, events_table(rows))
     all_hours = hours_between(C - timedelta(weeks=3), A + timedelta(hours=2))
-    build_rollups(spark, storage, all_hours)
-    register_rollups(spark, storage, hours_between(TIMES.train_lookback_start, A))
+    engine.build_rollups(storage, all_hours)
+    engine.register_rollups(storage, hours_between(TIMES.train_lookback_start, A))
     return storage
 
 
-def features_as_of(spark, taxonomy, cutoff) -> pd.DataFrame:
+def features_as_of(engine, taxonomy, cutoff) -> pd.DataFrame:
     query = feature_query(taxonomy, epoch_hour(cutoff))
-    return spark.sql(query.sql).toPandas().set_index("user_id")
+    return engine.to_pandas(query.sql).set_index("user_id")
 
 
-def test_training_features_stop_one_microsecond_before_the_cutoff(boundary_store, spark):
+def test_training_features_stop_one_microsecond_before_the_cutoff(boundary_store, engine):
     taxonomy = Taxonomy(events=("purchase", "view"), user_properties=(UserProperty("plan", ("free", "pro")),), weeks=2)
-    train = features_as_of(spark, taxonomy, C)
+    train = features_as_of(engine, taxonomy, C)
     assert train.loc["before_c", "f__purchase__w1"] == 1  # C - 1us is inside [C - 7d, C)
     assert train.loc["before_c", "f__view__w2"] == 1  # C - 8d is inside [C - 14d, C - 7d)
     assert train.loc["before_c", "f__purchase__hours_since"] == 1
@@ -59,23 +58,71 @@ def test_training_features_stop_one_microsecond_before_the_cutoff(boundary_store
     assert "before_a" not in train.index and "at_a" not in train.index
 
 
-def test_inference_features_see_up_to_but_not_including_a(boundary_store, spark):
+def test_inference_features_see_up_to_but_not_including_a(boundary_store, engine):
     taxonomy = Taxonomy(events=("purchase",), weeks=2)
-    infer = features_as_of(spark, taxonomy, A)
+    infer = features_as_of(engine, taxonomy, A)
     assert infer.loc["before_a", "f__purchase__w1"] == 1
     assert infer.loc["at_c", "f__purchase__w1"] == 1
     assert "at_a" not in infer.index
 
 
-def test_labels_cover_exactly_c_to_a(boundary_store, spark):
-    read_events(spark, boundary_store, hours_between(TIMES.label_start, TIMES.label_end)).createOrReplaceTempView("ev")
-    labelled = spark.sql(label_query("purchase", {}, sum_revenue=False)).toPandas().set_index("user_id")["outcome"]
+def test_labels_cover_exactly_c_to_a(boundary_store, engine):
+    engine.register_events(boundary_store, hours_between(TIMES.label_start, TIMES.label_end))
+    labelled = engine.to_pandas(label_query("purchase", {}, sum_revenue=False)).set_index("user_id")["outcome"]
     assert labelled.to_dict() == {"at_c": 1, "before_a": 1}
 
 
-def test_cohort_and_the_hourly_scoring_set(boundary_store, spark):
-    infer = spark.sql(cohort_query(epoch_hour(A), active_hours=24, lookback_weeks=2, where={})).toPandas()
+def test_cohort_and_the_hourly_scoring_set(boundary_store, engine):
+    infer = engine.to_pandas(cohort_query(epoch_hour(A), active_hours=24, lookback_weeks=2, where={}))
     by_user = infer.set_index("user_id")["active_last_hour"].to_dict()
     assert by_user == {"at_c": 0, "before_a": 1}  # active within [A - 24h, A); before_c's last event is at C - 1us
-    train = spark.sql(cohort_query(epoch_hour(C), active_hours=24, lookback_weeks=2, where={"plan": "free"})).toPandas()
+    train = engine.to_pandas(cohort_query(epoch_hour(C), active_hours=24, lookback_weeks=2, where={"plan": "free"}))
     assert sorted(train["user_id"]) == ["before_c"]
+
+
+def test_both_engines_build_identical_rollups_and_features(tmp_path, spark_session):
+    """One definition, two engines: DuckDB and Spark agree to the row on rollups, features, labels and cohorts."""
+    from automl_assets.core.engines import DuckDBEngine, SparkEngine
+    from automl_assets.core.event_store import write_events
+    from automl_assets.core.feature_sql import EventProperty
+    from automl_assets.core.synthetic import SyntheticConfig, generate_table
+    from resources.storage import LocalStorage
+
+    end = utc(2026, 3, 2)
+    hours = hours_between(end - timedelta(weeks=3), end)
+    table = generate_table(SyntheticConfig(n_users=300, end=end, weeks=3, seed=5))
+    taxonomy = Taxonomy(
+        events=("page_view", "purchase", "view_item", "support_ticket"),
+        revenue_events=("purchase",),
+        event_properties=(EventProperty("view_item", "category", ("electronics", "books")),),
+        user_properties=(UserProperty("plan", ("free", "plus", "pro")), UserProperty("platform", ("ios", "web"))),
+        weeks=2,
+    )
+    results = {}
+    for engine in (DuckDBEngine(__import__("duckdb").connect()), SparkEngine(spark_session)):
+        store = LocalStorage(root=str(tmp_path / engine.name))
+        write_events(store, table)
+        engine.build_rollups(store, hours)
+        rollups = {
+            str(path.relative_to(store.base)): pd.read_parquet(path)
+            for path in sorted(store.base.glob("rollups/*/hour=*/*.parquet"))
+        }
+        engine.register_rollups(store, hours)
+        engine.register_events(store, hours[-168:])
+        results[engine.name] = (
+            rollups,
+            engine.to_pandas(feature_query(taxonomy, epoch_hour(end)).sql),
+            engine.to_pandas(feature_query(taxonomy, epoch_hour(end), active_only=True).sql),
+            engine.to_pandas(label_query("purchase", {"category": "electronics"}, sum_revenue=False)),
+            engine.to_pandas(cohort_query(epoch_hour(end), 24 * 14, 2, {"plan": "pro"})),
+        )
+    duck, spark = results["duckdb"], results["spark"]
+    assert duck[0].keys() == spark[0].keys() and len(duck[0]) > 100
+    sort = lambda frame: frame.sort_values(list(frame.columns[:4])).reset_index(drop=True)  # noqa: E731
+    for name in duck[0]:
+        pd.testing.assert_frame_equal(sort(duck[0][name]), sort(spark[0][name]), check_dtype=False, obj=name)
+    for d, s in zip(duck[1:], spark[1:]):
+        assert len(d) > 0
+        pd.testing.assert_frame_equal(
+            d.sort_values("user_id").reset_index(drop=True), s.sort_values("user_id").reset_index(drop=True)[d.columns], check_dtype=False
+        )

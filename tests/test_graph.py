@@ -16,7 +16,7 @@ from automl_assets.definitions import ASSET_MODULES
 from automl_assets.partitions import prediction_hour_key
 from automl_assets.predictions import register_prediction
 from automl_assets.runs import RANGE_END_TAG, RANGE_START_TAG
-from resources.environments import resources_for_env
+from resources.environments import ENGINES, resources_for_env
 from resources.storage import LocalStorage
 from tests.conftest import utc
 
@@ -37,15 +37,15 @@ EVENT_STORE = [a for a in ASSETS if a.key.path[0] in ("events", "hourly_rollups"
 PREDICTION_ASSETS = [a for a in ASSETS if a not in EVENT_STORE]
 
 
-def resources(root: str) -> dict:
-    return {**resources_for_env("local"), "storage": LocalStorage(root=root)}
+def resources(root: str, engine: str) -> dict:
+    return {**resources_for_env("local", engine=engine), "storage": LocalStorage(root=root)}
 
 
-def materialise_prediction(instance, root):
+def materialise_prediction(instance, root, engine):
     return dg.materialize(
         PREDICTION_ASSETS,
         instance=instance,
-        resources=resources(root),
+        resources=resources(root, engine),
         partition_key=prediction_hour_key(SPEC.name, HOUR_H),
     )
 
@@ -54,28 +54,30 @@ def read(storage, asset: str, *name: str) -> pd.DataFrame:
     return pd.read_parquet(storage.path(*layout.prediction_asset(SPEC.name, asset, HOUR_H, *name)))
 
 
-@pytest.fixture(scope="module")
-def graph(tmp_path_factory):
-    root = str(tmp_path_factory.mktemp("graph") / "store")
-    storage = resources(root)["storage"]
+@pytest.fixture(scope="module", params=ENGINES)
+def graph(request, tmp_path_factory):
+    """The whole graph on each engine (DuckDB embedded, Spark) from the same landed files."""
+    engine = request.param
+    root = str(tmp_path_factory.mktemp(f"graph-{engine}") / "store")
+    storage = LocalStorage(root=root)
     for chunk in generate_events(SyntheticConfig(n_users=5000, end=END, weeks=WEEKS, seed=3)):
         write_amplitude_export(chunk, Path(storage.path(*layout.landing(), "synthetic")))
     with dg.instance_for_test() as instance:
         event_run = dg.materialize(
             EVENT_STORE,
             instance=instance,
-            resources=resources(root),
+            resources=resources(root, engine),
             tags={RANGE_START_TAG: hour_key(END - WEEKS * WEEK), RANGE_END_TAG: hour_key(HOUR_H)},
         )
         assert event_run.success
         register_prediction(instance, storage, SPEC)
-        first = materialise_prediction(instance, root)
+        first = materialise_prediction(instance, root, engine)
         assert first.success
-        yield instance, root, storage
+        yield instance, root, storage, engine
 
 
 def test_event_store_run_covers_the_range_in_one_run(graph):
-    instance, _, storage = graph
+    instance, _, storage, _ = graph
     runs = instance.get_run_records()
     event_runs = [r for r in runs if r.dagster_run.tags.get(RANGE_START_TAG)]
     assert len(event_runs) == 1
@@ -85,7 +87,7 @@ def test_event_store_run_covers_the_range_in_one_run(graph):
 
 
 def test_every_cohort_user_is_scored_exactly_once(graph):
-    _, _, storage = graph
+    _, _, storage, _ = graph
     scores = read(storage, "scores", "scores.parquet")
     cohort = read(storage, "cohort", "infer")
     assert len(scores) == len(cohort) > 500
@@ -100,7 +102,7 @@ def test_every_cohort_user_is_scored_exactly_once(graph):
 
 
 def test_model_learns_the_planted_signal_and_calibration_helps(graph):
-    _, _, storage = graph
+    _, _, storage, _ = graph
     calibration = storage.read_json(*layout.prediction_asset(SPEC.name, "calibrator", HOUR_H, "calibrator.json"))
     assert calibration["before"]["auc"] > 0.75, calibration["before"]
     print("calibration", calibration["before"], calibration["after"])
@@ -110,7 +112,7 @@ def test_model_learns_the_planted_signal_and_calibration_helps(graph):
 
 
 def test_training_matrix_has_labels_from_the_window_after_the_cutoff(graph):
-    _, _, storage = graph
+    _, _, storage, _ = graph
     train = read(storage, "feature_matrix", "train", "matrix.parquet")
     labels = read(storage, "labels", "labels")
     positives = set(labels.loc[labels["outcome"] > 0, "user_id"])
@@ -120,10 +122,10 @@ def test_training_matrix_has_labels_from_the_window_after_the_cutoff(graph):
 
 
 def test_rerunning_the_partition_gives_identical_output(graph):
-    instance, root, storage = graph
+    instance, root, storage, engine = graph
     before = {name: read(storage, *parts) for name, parts in OUTPUTS.items()}
     taxonomy_before = storage.read_json(*layout.prediction_asset(SPEC.name, "taxonomy", HOUR_H, "taxonomy.json"))
-    assert materialise_prediction(instance, root).success
+    assert materialise_prediction(instance, root, engine).success
     for name, parts in OUTPUTS.items():
         pd.testing.assert_frame_equal(read(storage, *parts), before[name], obj=name)
     assert storage.read_json(*layout.prediction_asset(SPEC.name, "taxonomy", HOUR_H, "taxonomy.json")) == taxonomy_before

@@ -1,5 +1,5 @@
-"""Spark plumbing shared by the assets: reading hour ranges of the lake, the hourly rollups, running the
-engine-neutral feature SQL, and writing results atomically into the store."""
+"""Spark plumbing for the Spark engine (automl_assets/core/engines.py): schemas of the lake, reading hour ranges into
+DataFrames, the rollup SQL in Spark's dialect, and writing results atomically into the store."""
 
 from datetime import datetime
 
@@ -9,8 +9,7 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import types as T
 
 from automl_assets.core import layout
-from automl_assets.core.event_store import slices_by_key
-from automl_assets.core.timewin import from_epoch_hour, hour_token
+from automl_assets.core.timewin import hour_token
 
 _PROPERTIES = T.MapType(T.StringType(), T.StringType())
 EVENTS = T.StructType(
@@ -61,7 +60,7 @@ ROLLUP_ARROW = {kind: pa.schema([pa.field(f.name, _ARROW_TYPES[f.dataType.typeNa
 ROLLUP_FILE = "part-0.parquet"
 MAX_PROPERTY_VALUE_LENGTH = 100  # longer values are free text or ids: no use as categorical signal
 
-_HOUR_IDX = "CAST(FLOOR(unix_micros(event_time) / 3600000000) AS BIGINT)"
+HOUR_IDX_SQL = "CAST(FLOOR(unix_micros(event_time) / 3600000000) AS BIGINT)"
 ROLLUP_SQL = {
     "counts": "SELECT user_id, event_type, hour_idx, COUNT(*) AS n, SUM(revenue) AS revenue "
     "FROM ev GROUP BY user_id, event_type, hour_idx",
@@ -84,18 +83,18 @@ def prepare(spark: SparkSession) -> SparkSession:
     return spark
 
 
-def _existing_hour_paths(storage, root: tuple[str, ...], hours: list[datetime], leaf: tuple[str, ...]) -> list[str]:
+def existing_hour_paths(storage, root: tuple[str, ...], hours: list[datetime], leaf: tuple[str, ...]) -> list[str]:
     present = set(storage.list_dir(*root))
     return [storage.path(*root, name, *leaf) for name in (f"hour={hour_token(h)}" for h in hours) if name in present]
 
 
 def read_events(spark: SparkSession, storage, hours: list[datetime]) -> DataFrame:
-    paths = _existing_hour_paths(storage, layout.events_root(), hours, ("events.parquet",))
+    paths = existing_hour_paths(storage, layout.events_root(), hours, ("events.parquet",))
     return spark.read.schema(EVENTS).parquet(*paths) if paths else spark.createDataFrame([], EVENTS)
 
 
 def read_rollup(spark: SparkSession, storage, kind: str, hours: list[datetime]) -> DataFrame:
-    paths = _existing_hour_paths(storage, layout.rollup_root(kind), hours, (ROLLUP_FILE,))
+    paths = existing_hour_paths(storage, layout.rollup_root(kind), hours, (ROLLUP_FILE,))
     return spark.read.schema(ROLLUPS[kind]).parquet(*paths) if paths else spark.createDataFrame([], ROLLUPS[kind])
 
 
@@ -103,22 +102,6 @@ def register_rollups(spark: SparkSession, storage, hours: list[datetime]) -> Non
     """Views `counts`, `props`, `users` over the given hours, the tables the feature SQL reads."""
     for kind in ROLLUPS:
         read_rollup(spark, storage, kind, hours).createOrReplaceTempView(kind)
-
-
-def build_rollups(spark: SparkSession, storage, hours: list[datetime]) -> dict[str, int]:
-    """Hourly rollups of every hour in `hours`, in one Spark job per kind whatever the number of hours.
-
-    Rollups are far smaller than events, so each kind comes back as Arrow and is written as one file per hour:
-    thousands of tiny Spark output folders would cost more in commit and listing than the aggregation itself."""
-    events = read_events(spark, storage, hours)
-    events.selectExpr("*", f"{_HOUR_IDX} AS hour_idx").createOrReplaceTempView("ev")
-    rows = {}
-    for kind, sql in ROLLUP_SQL.items():
-        table = spark.sql(sql).toArrow()
-        rows[kind] = table.num_rows
-        for hour_idx, chunk in slices_by_key(table, table["hour_idx"].to_numpy()).items():
-            storage.write_table(chunk.cast(ROLLUP_ARROW[kind]), *layout.rollup_hour(kind, from_epoch_hour(hour_idx)), ROLLUP_FILE)
-    return rows
 
 
 def parquet_rows(path) -> int:

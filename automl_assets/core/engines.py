@@ -1,0 +1,125 @@
+"""Two engines for one set of SQL definitions: DuckDB embedded (the single-machine default) and Spark (local or a
+cluster). The feature, label, cohort, taxonomy and matrix SQL in feature_sql.py / taxonomy.py runs unchanged on
+both; only reading files into views, the hourly rollups' map explode, and writing results differ, and they live here.
+
+Every engine offers the same verbs to the assets: register views over the store, run a query into pandas, write a
+query's result into the store, build rollups."""
+
+from datetime import datetime
+
+import pyarrow as pa
+
+from automl_assets.core import layout, spark_jobs
+from automl_assets.core.event_store import slices_by_key
+from automl_assets.core.timewin import from_epoch_hour
+
+_DUCKDB_TYPES = {"string": "VARCHAR", "long": "BIGINT", "double": "DOUBLE", "timestamp": "TIMESTAMPTZ", "map": "MAP(VARCHAR, VARCHAR)"}
+
+_DUCKDB_ROLLUP_SQL = {
+    "counts": spark_jobs.ROLLUP_SQL["counts"],
+    "props": "SELECT user_id, event_type, e.key AS prop_key, e.value AS prop_value, hour_idx, COUNT(*) AS n "
+    "FROM (SELECT user_id, event_type, hour_idx, unnest(map_entries(event_properties)) AS e FROM ev) p "
+    f"WHERE length(e.value) <= {spark_jobs.MAX_PROPERTY_VALUE_LENGTH} "
+    "GROUP BY user_id, event_type, e.key, e.value, hour_idx",
+    # Same tie-break as Spark: (event_time, insert_id).
+    "users": "SELECT user_id, u.key AS prop_key, hour_idx, "
+    "arg_min(u.value, (event_time, insert_id)) AS first_value, min(event_time) AS first_time, "
+    "arg_max(u.value, (event_time, insert_id)) AS last_value, max(event_time) AS last_time "
+    "FROM (SELECT user_id, hour_idx, event_time, insert_id, unnest(map_entries(user_properties)) AS u FROM ev) p "
+    "GROUP BY user_id, u.key, hour_idx",
+}
+
+
+def write_rollups(storage, kind: str, table: pa.Table) -> int:
+    """One file per hour and kind, whatever engine aggregated them."""
+    for hour_idx, chunk in slices_by_key(table, table["hour_idx"].to_numpy()).items():
+        storage.write_table(
+            chunk.cast(spark_jobs.ROLLUP_ARROW[kind]),
+            *layout.rollup_hour(kind, from_epoch_hour(hour_idx)),
+            spark_jobs.ROLLUP_FILE,
+        )
+    return table.num_rows
+
+
+class SparkEngine:
+    name = "spark"
+
+    def __init__(self, session):
+        self.session = spark_jobs.prepare(session)
+
+    def register_events(self, storage, hours: list[datetime], view: str = "ev") -> None:
+        spark_jobs.read_events(self.session, storage, hours).createOrReplaceTempView(view)
+
+    def register_rollups(self, storage, hours: list[datetime]) -> None:
+        spark_jobs.register_rollups(self.session, storage, hours)
+
+    def register_parquet(self, view: str, path: str) -> None:
+        self.session.read.parquet(path).createOrReplaceTempView(view)
+
+    def register_query(self, view: str, sql: str) -> None:
+        self.session.sql(sql).createOrReplaceTempView(view)
+
+    def to_pandas(self, sql: str):
+        return self.session.sql(sql).toPandas()
+
+    def write(self, sql: str, storage, parts: tuple[str, ...]) -> int:
+        return spark_jobs.write_frame(self.session.sql(sql), storage, parts)
+
+    def build_rollups(self, storage, hours: list[datetime]) -> dict[str, int]:
+        """One Spark job per rollup kind whatever the number of hours; results come back as Arrow (rollups are
+        small) and are written one file per hour: thousands of tiny Spark output folders cost more than the work."""
+        events = spark_jobs.read_events(self.session, storage, hours)
+        events.selectExpr("*", f"{spark_jobs.HOUR_IDX_SQL} AS hour_idx").createOrReplaceTempView("ev")
+        return {kind: write_rollups(storage, kind, self.session.sql(sql).toArrow()) for kind, sql in spark_jobs.ROLLUP_SQL.items()}
+
+
+class DuckDBEngine:
+    name = "duckdb"
+
+    def __init__(self, connection):
+        self.con = connection
+        self.con.execute("SET TimeZone = 'UTC'")
+
+    def _view(self, view: str, paths: list[str], schema) -> None:
+        if paths:
+            files = ", ".join("'" + p.replace("'", "''") + "'" for p in paths)
+            source = f"SELECT * FROM read_parquet([{files}])"
+        else:
+            columns = ", ".join(f"CAST(NULL AS {_DUCKDB_TYPES[f.dataType.typeName()]}) AS {f.name}" for f in schema)
+            source = f"SELECT {columns} WHERE false"
+        self.con.execute(f"CREATE OR REPLACE TEMP VIEW {view} AS {source}")
+
+    def register_events(self, storage, hours: list[datetime], view: str = "ev") -> None:
+        paths = spark_jobs.existing_hour_paths(storage, layout.events_root(), hours, ("events.parquet",))
+        self._view(view, paths, spark_jobs.EVENTS)
+
+    def register_rollups(self, storage, hours: list[datetime]) -> None:
+        for kind, schema in spark_jobs.ROLLUPS.items():
+            paths = spark_jobs.existing_hour_paths(storage, layout.rollup_root(kind), hours, (spark_jobs.ROLLUP_FILE,))
+            self._view(kind, paths, schema)
+
+    def register_parquet(self, view: str, path: str) -> None:
+        # A folder written by either engine: its part files.
+        self.con.execute(f"CREATE OR REPLACE TEMP VIEW {view} AS SELECT * FROM read_parquet('{path}/*.parquet')")
+
+    def register_query(self, view: str, sql: str) -> None:
+        self.con.execute(f"CREATE OR REPLACE TEMP VIEW {view} AS {sql}")
+
+    def to_pandas(self, sql: str):
+        return self.con.sql(sql).df()
+
+    def write(self, sql: str, storage, parts: tuple[str, ...]) -> int:
+        with storage.temp_dir() as temp:
+            (temp / "out").mkdir()
+            self.con.execute(f"COPY ({sql}) TO '{temp / 'out' / 'part-0.parquet'}' (FORMAT parquet, COMPRESSION zstd)")
+            rows = spark_jobs.parquet_rows(temp / "out")
+            storage.install(temp / "out", *parts)
+        return rows
+
+    def build_rollups(self, storage, hours: list[datetime]) -> dict[str, int]:
+        self.register_events(storage, hours, "ev_raw")
+        self.con.execute(
+            "CREATE OR REPLACE TEMP VIEW ev AS SELECT *, "
+            "CAST(floor(epoch_us(event_time) / 3600000000) AS BIGINT) AS hour_idx FROM ev_raw"
+        )
+        return {kind: write_rollups(storage, kind, self.con.sql(sql).to_arrow_table()) for kind, sql in _DUCKDB_ROLLUP_SQL.items()}
