@@ -116,9 +116,9 @@ def dagster(tmp_path_factory):
         "AUTOML_SAGEMAKER_ROOT": str(tmp / "sagemaker"),
     }
     port = free_port()
-    webserver = start([str(BIN / "dagster-webserver"), "-h", "127.0.0.1", "-p", str(port), "-w", "workspace.yaml"], env, tmp / "webserver.log")
-    daemon = start([str(BIN / "dagster-daemon"), "run", "-w", "workspace.yaml"], env, tmp / "daemon.log")
     logs = [tmp / "webserver.log", tmp / "daemon.log"]
+    webserver = start([str(BIN / "dagster-webserver"), "-h", "127.0.0.1", "-p", str(port), "-w", "workspace.yaml"], env, logs[0])
+    daemon = None
     try:
         client = Dagster(f"http://127.0.0.1:{port}/graphql")
 
@@ -128,10 +128,13 @@ def dagster(tmp_path_factory):
             except requests.RequestException:
                 return None
 
+        # The daemon starts once the webserver has created the instance's database: both creating it at once race.
         wait_for("the webserver", up, 120, logs)
+        daemon = start([str(BIN / "dagster-daemon"), "run", "-w", "workspace.yaml"], env, logs[1])
         yield client, specs, logs
     finally:
-        stop(daemon)
+        if daemon is not None:
+            stop(daemon)
         stop(webserver)
 
 
