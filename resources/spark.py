@@ -17,6 +17,8 @@ EMBEDDED_SPARK_CONFIG = {
     "spark.ui.enabled": "false",
     "spark.ui.showConsoleProgress": "false",
     "spark.driver.memory": "6g",
+    # Rollups come back to the driver as Arrow: a 20M-event backfill exceeds the 1g default (measured, P3).
+    "spark.driver.maxResultSize": "4g",
     "spark.sql.execution.arrow.pyspark.enabled": "true",
 }
 
