@@ -30,8 +30,17 @@ _DUCKDB_ROLLUP_SQL = {
 }
 
 
+# Rows sorted by the group keys: engines return groups in no fixed order, and a re-run must write identical files.
+_ROLLUP_ORDER = {
+    "counts": ("user_id", "event_type"),
+    "props": ("user_id", "event_type", "prop_key", "prop_value"),
+    "users": ("user_id", "prop_key"),
+}
+
+
 def write_rollups(storage, kind: str, table: pa.Table) -> int:
     """One file per hour and kind, whatever engine aggregated them."""
+    table = table.sort_by([(column, "ascending") for column in ("hour_idx", *_ROLLUP_ORDER[kind])])
     for hour_idx, chunk in slices_by_key(table, table["hour_idx"].to_numpy()).items():
         storage.write_table(
             chunk.cast(spark_jobs.ROLLUP_ARROW[kind]),
