@@ -64,7 +64,6 @@ def feature_matrix(
     path = lambda *name: storage.path(*run.parts(*name))  # noqa: E731
     sql.register_parquet("features", path("feature_aggregates", "infer"))
     infer_rows = sql.write(matrix_sql(sql, path("cohort", "infer"), columns), storage, matrix_parts(run, "infer"))
-    storage.write_json(columns, *run.parts("feature_matrix", "columns.json"))
     metadata = {"infer_rows": infer_rows, "n_features": len(columns), **run.describe()}
     if not trains_in_this_run(context):
         reason = "This run only scores: no training matrix was built."

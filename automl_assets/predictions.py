@@ -11,9 +11,14 @@ from automl_assets.core.timewin import PartitionTimes, hour_from_token, hour_tok
 from automl_assets.partitions import PREDICTION, prediction_and_hour
 
 
+def store_spec(storage, spec: PredictionSpec) -> None:
+    """The normalised spec the assets read (and the schedules treat as active)."""
+    storage.write_bytes(spec.to_yaml().encode(), *layout.spec_file(spec.name))
+
+
 def register_prediction(instance: dg.DagsterInstance, storage, spec: PredictionSpec) -> bool:
     """Store the spec and add its name to the prediction partitions; True when the name is new."""
-    storage.write_bytes(spec.to_yaml().encode(), *layout.spec_file(spec.name))
+    store_spec(storage, spec)
     if instance.has_dynamic_partition(PREDICTION, spec.name):
         return False
     instance.add_dynamic_partitions(PREDICTION, [spec.name])

@@ -25,6 +25,7 @@ from automl_assets.predictions import (
     active_predictions,
     model_in_force,
     retire_prediction,
+    store_spec,
     stored_spec,
 )
 from automl_assets.runs import RANGE_END_TAG, RANGE_START_TAG
@@ -143,7 +144,7 @@ def prediction_specs(context: dg.SensorEvaluationContext, storage: LocalStorage,
         except SpecError as error:
             notes.append(str(error))
             continue
-        storage.write_bytes(spec.to_yaml().encode(), *layout.spec_file(spec.name))
+        store_spec(storage, spec)
         if not context.instance.has_dynamic_partition(PREDICTION, spec.name):
             partitions.append(spec.name)
         if newest is None:
