@@ -1,14 +1,23 @@
-"""Cohort: the users a prediction trains on (as of the training cutoff) and scores (as of the partition's end)."""
+"""Cohort: the users a prediction trains on (as of each training snapshot's cutoff) and scores (as of the
+partition's end). It also decides how many weekly snapshots a training run stacks."""
 
 import dagster as dg
 
+from automl_assets.core import quality
 from automl_assets.core.feature_sql import cohort_query
 from automl_assets.core.timewin import HOUR, epoch_hour, hours_between
-from automl_assets.features import roles
-from automl_assets.partitions import prediction_hour_partitions
-from automl_assets.predictions import prediction_run, scoring_scope
-from automl_assets.taxonomy import PREDICTION_GROUP, SAME_HOUR
 from automl_assets.events import hourly_rollups
+from automl_assets.partitions import prediction_hour_partitions
+from automl_assets.predictions import (
+    INFER,
+    SNAPSHOTS_FILE,
+    candidate_snapshots,
+    prediction_run,
+    scoring_scope,
+    snapshot_role,
+    trains_in_this_run,
+)
+from automl_assets.taxonomy import PREDICTION_GROUP, SAME_HOUR
 from resources.engine import EngineResource
 from resources.storage import LocalStorage
 
@@ -19,27 +28,46 @@ from resources.storage import LocalStorage
     group_name=PREDICTION_GROUP,
     kinds={"duckdb", "spark", "parquet"},
     description="Users active within the spec's `cohort.active_within` before each cutoff whose latest user "
-    "properties match `cohort.where`; the inference cohort of an hourly run keeps those active in the hour.",
+    "properties match `cohort.where`; the inference cohort of an hourly run keeps those active in the hour. "
+    f"Training runs stack weekly snapshots, newest first, until {quality.ENOUGH_TRAINING_ROWS:,} rows, "
+    "`training_snapshots` or the history runs out.",
 )
 def cohort(context: dg.AssetExecutionContext, storage: LocalStorage, engine: EngineResource) -> dg.MaterializeResult:
     run = prediction_run(context, storage)
     sql = engine.engine()
     spec = run.spec
     active_hours = int(spec.active_within_delta / HOUR)
-    cutoffs = roles(context, run)
-    earliest = min(cutoffs.values()) - max(spec.active_within_delta, spec.lookback)
+    snapshots = candidate_snapshots(storage, run) if trains_in_this_run(context) else []
+    earliest = min([run.times.as_of, *(s.cutoff for s in snapshots)]) - max(spec.active_within_delta, spec.lookback)
     sql.register_rollups(storage, hours_between(earliest, run.times.as_of))
-    scope = scoring_scope(context, run)
-    rows = {}
-    for role, cutoff in cutoffs.items():
+
+    def write(role: tuple[str, ...], cutoff, only_active: bool = False) -> int:
         query = cohort_query(epoch_hour(cutoff), active_hours, spec.lookback_weeks, dict(spec.cohort.where))
-        if role == "infer" and scope == "active":
+        if only_active:
             query = f"SELECT * FROM ({query}) c WHERE active_last_hour = 1"
-        rows[role] = sql.write(query, storage, run.parts("cohort", role))
-    if rows.get("train") == 0:
-        raise dg.Failure(
-            f"the training cohort of {run.prediction} as of {run.times.train_cutoff.isoformat()} is empty: no user "
-            f"was active within {spec.cohort.active_within} (filter {dict(spec.cohort.where)}); check the filter "
-            "or materialise more history."
+        return sql.write(query, storage, run.parts("cohort", *role))
+
+    scope = scoring_scope(context, run)
+    metadata = {"infer_users": write(INFER, run.times.as_of, only_active=scope == "active"), "scope": scope}
+    if snapshots:
+        train_users = []
+        for snapshot in snapshots:
+            train_users.append(write(snapshot_role(snapshot), snapshot.cutoff))
+            if train_users[0] == 0:
+                raise dg.Failure(
+                    f"the training cohort of {run.prediction} as of {snapshot.cutoff.isoformat()} is empty: no user "
+                    f"was active within {spec.cohort.active_within} (filter {dict(spec.cohort.where)}); check the "
+                    "filter or materialise more history."
+                )
+            if sum(train_users) >= quality.ENOUGH_TRAINING_ROWS:
+                break
+        storage.write_json({"count": len(train_users)}, *run.parts("cohort", SNAPSHOTS_FILE))
+        metadata.update(
+            train_users=train_users[0],
+            training_snapshots=len(train_users),
+            training_rows=sum(train_users),
+            users_per_snapshot=dg.MetadataValue.json(
+                {snapshot.cutoff.isoformat(): n for snapshot, n in zip(snapshots, train_users)}
+            ),
         )
-    return dg.MaterializeResult(metadata={**{f"{role}_users": n for role, n in rows.items()}, "scope": scope, **run.describe()})
+    return dg.MaterializeResult(metadata={**metadata, **run.describe()})

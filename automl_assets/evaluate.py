@@ -102,11 +102,13 @@ def week_shift(earliest: datetime) -> timedelta:
     return WEEK * max(0, math.ceil(behind / WEEK))
 
 
-def backtest_times(spec: PredictionSpec, cutoff: datetime) -> tuple[PartitionTimes, datetime]:
-    """The partition as of `cutoff` and the first moment any of its assets reads (the cohort's and the features'
-    lookback before the training cutoff)."""
+def backtest_times(spec: PredictionSpec, cutoff: datetime) -> tuple[PartitionTimes, datetime, datetime]:
+    """The partition as of `cutoff`, the first moment its newest training snapshot reads (the cohort's and the
+    features' lookback before the training cutoff: the data must reach back to it) and the first moment the oldest
+    snapshot the spec allows would read (data from before it is never used)."""
     times = partition_times(cutoff - HOUR, spec.horizon_delta, spec.offset_delta, spec.lookback)
-    return times, times.train_cutoff - max(spec.active_within_delta, spec.lookback)
+    needed = times.train_cutoff - max(spec.active_within_delta, spec.lookback)
+    return times, needed, needed - (spec.training_snapshots - 1) * WEEK
 
 
 def outcome_events(events: pa.Table, outcome: Outcome) -> pd.DataFrame:
@@ -138,10 +140,13 @@ def rfm_baseline(
     test_cutoff: datetime,
     lookback: timedelta,
 ) -> np.ndarray:
-    """A plain logistic regression on RFM features of the training users (as of the training cutoff, with their
-    labels), applied to the test users' RFM features as of the test cutoff."""
+    """A plain logistic regression on RFM features of the project's training rows (each snapshot's users as of its
+    cutoff, `train_cutoff` minus `snapshot` weeks, with their labels), applied to the test users' RFM features as of
+    the test cutoff."""
     model = make_pipeline(FunctionTransformer(signed_log1p), StandardScaler(), LogisticRegression(max_iter=1000))
-    model.fit(rfm_features(outcomes, train["user_id"], train_cutoff, train_cutoff - lookback), train["label"])
+    snapshots = [(train_cutoff - weeks * WEEK, rows) for weeks, rows in train.groupby("snapshot", sort=True)]
+    features = pd.concat(rfm_features(outcomes, rows["user_id"], cutoff, cutoff - lookback) for cutoff, rows in snapshots)
+    model.fit(features, pd.concat(rows["label"] for _, rows in snapshots))
     return model.predict_proba(rfm_features(outcomes, test_users, test_cutoff, test_cutoff - lookback))[:, 1]
 
 
@@ -197,13 +202,13 @@ def place_in_partitions(
 ) -> tuple[pa.Table, PartitionTimes, datetime, timedelta]:
     """The events an evaluation at `cutoff` reads, moved by whole weeks into the partitions' range when they are
     older; returns them, the partition's times and first hour read (both moved) and the shift."""
-    times, earliest = backtest_times(spec, cutoff)
+    times, needed, wanted = backtest_times(spec, cutoff)
     span = pc.min_max(events["event_time"])
     first, last = span["min"].as_py(), span["max"].as_py()
-    if first > earliest + COVERAGE_SLACK:
+    if first > needed + COVERAGE_SLACK:
         raise ValueError(
             f"the events start at {first.isoformat()}, but training at cutoff {cutoff.isoformat()} reads from "
-            f"{earliest.isoformat()} (horizon, offset and the longer of lookback_weeks and cohort.active_within "
+            f"{needed.isoformat()} (horizon, offset and the longer of lookback_weeks and cohort.active_within "
             "before it): pick a later cutoff or a shorter lookback."
         )
     test_end = times.predicts[1]
@@ -212,6 +217,8 @@ def place_in_partitions(
             f"the events end at {last.isoformat()}, before the end of the test window at {test_end.isoformat()}: "
             "pick a cutoff at least offset + horizon before the end of the data."
         )
+    # Older training snapshots are stacked while the data reach back far enough for them (cohort.candidate_snapshots).
+    earliest = max(wanted, floor_hour(first))
     shift = week_shift(earliest)
     if shift:
         log(
@@ -220,7 +227,7 @@ def place_in_partitions(
         )
         moved = pc.add(events["event_time"], pa.scalar(shift, pa.duration("us")))
         events = events.set_column(events.schema.get_field_index("event_time"), "event_time", moved)
-    times, earliest = backtest_times(spec, cutoff + shift)
+    times, earliest = backtest_times(spec, cutoff + shift)[0], earliest + shift
     if times.as_of > datetime.now(times.as_of.tzinfo):
         raise ValueError(f"the cutoff {cutoff.isoformat()} is in the future; hour partitions exist up to now.")
     end = pa.scalar(times.predicts[1])
@@ -265,7 +272,7 @@ def evaluate(
         part = lambda asset, *name: layout.prediction_asset(spec.name, asset, times.hour_start, *name)  # noqa: E731
         scored = storage.read_table(*part("scores", "scores.parquet")).to_pandas()
         train_matrix = storage.path(*part("feature_matrix", "train", "matrix.parquet"))
-        train = pd.read_parquet(train_matrix, columns=["user_id", "label"])
+        train = pd.read_parquet(train_matrix, columns=["user_id", "snapshot", "label"])
         chosen = storage.read_json(*part("model", "output", "metrics.json"))["chosen"]
         positives = _observed(resources, spec.outcome, test_window)
 
@@ -284,6 +291,7 @@ def evaluate(
         train_pos_rate=train_rate,
         cutoff=back(times.as_of),
         train_features_as_of=back(times.train_cutoff),
+        training_snapshots=int(train["snapshot"].nunique()),
         train_label_window=[back(times.label_start), back(times.label_end)],
         test_window=[back(test_window[0]), back(test_window[1])],
         time_shift_weeks=shift // WEEK,

@@ -1,20 +1,26 @@
 """Feature matrix: cohort x features (x label for training), as parquet and, for training, a TFRecord file that
-`tf.data` streams. Training and inference rows come from the same feature definitions."""
-
-from datetime import datetime
+`tf.data` streams. Training and inference rows come from the same feature definitions; the training matrix stacks
+the rows of every training snapshot, with a `snapshot` column (weeks back from the newest)."""
 
 import dagster as dg
 import pandas as pd
 
 from automl_assets import checks
 from automl_assets.cohort import cohort
-from automl_assets.core.feature_sql import matrix_query
+from automl_assets.core.feature_sql import matrix_query, training_matrix_query
 from automl_assets.core.tfrecord import write_tfrecord
-from automl_assets.core.timewin import hour_from_token
 from automl_assets.features import feature_aggregates
 from automl_assets.labels import labels
 from automl_assets.partitions import prediction_hour_partitions
-from automl_assets.predictions import PredictionRun, prediction_run, trains_in_this_run
+from automl_assets.predictions import (
+    INFER,
+    PredictionRun,
+    history_start,
+    prediction_run,
+    snapshot_role,
+    stacked_snapshots,
+    trains_in_this_run,
+)
 from automl_assets.taxonomy import PREDICTION_GROUP
 from resources.engine import EngineResource
 from resources.storage import LocalStorage
@@ -27,18 +33,10 @@ def matrix_parts(run: PredictionRun, role: str, name: str = MATRIX) -> tuple[str
     return run.parts("feature_matrix", role, name)
 
 
-def matrix_sql(sql, cohort_path: str, columns, labels_path: str | None = None) -> str:
-    """Cohort users left-joined to their features (view `features`, registered by the caller) and labels: the one
-    join behind every matrix."""
+def matrix_sql(sql, cohort_path: str, columns) -> str:
+    """Cohort users left-joined to their features (view `features`, registered by the caller): the inference join."""
     sql.register_parquet("cohort", cohort_path)
-    if labels_path is not None:
-        sql.register_parquet("labels", labels_path)
-    return matrix_query(tuple(columns), with_label=labels_path is not None)
-
-
-def history_start(storage) -> datetime | None:
-    hours = storage.list_dir("events")
-    return hour_from_token(hours[0].removeprefix("hour=")) if hours else None
+    return matrix_query(tuple(columns))
 
 
 @dg.asset(
@@ -47,8 +45,9 @@ def history_start(storage) -> datetime | None:
     group_name=PREDICTION_GROUP,
     kinds={"duckdb", "spark", "parquet", "tensorflow"},
     check_specs=[checks.TRAINING_ELIGIBILITY, checks.NO_LEAKAGE],
-    description="Training matrix (cohort as of C, features as of C, label; training runs only) and inference "
-    "matrix (cohort and features as of A), parquet; the training matrix also as TFRecord for tf.data.",
+    description="Training matrix (per stacked snapshot: cohort and features as of its cutoff, its label; training "
+    "runs only) and inference matrix (cohort and features as of A), parquet; the training matrix also as TFRecord "
+    "for tf.data.",
 )
 def feature_matrix(
     context: dg.AssetExecutionContext, storage: LocalStorage, engine: EngineResource
@@ -62,8 +61,8 @@ def feature_matrix(
     sql = engine.engine()
     columns = storage.read_json(*run.parts("feature_aggregates", "columns.json"))
     path = lambda *name: storage.path(*run.parts(*name))  # noqa: E731
-    sql.register_parquet("features", path("feature_aggregates", "infer"))
-    infer_rows = sql.write(matrix_sql(sql, path("cohort", "infer"), columns), storage, matrix_parts(run, "infer"))
+    sql.register_parquet("features", path("feature_aggregates", *INFER))
+    infer_rows = sql.write(matrix_sql(sql, path("cohort", *INFER), columns), storage, matrix_parts(run, *INFER))
     metadata = {"infer_rows": infer_rows, "n_features": len(columns), **run.describe()}
     if not trains_in_this_run(context):
         reason = "This run only scores: no training matrix was built."
@@ -71,8 +70,13 @@ def feature_matrix(
             metadata=metadata, check_results=[checks.skipped(spec, reason) for spec in (checks.TRAINING_ELIGIBILITY, checks.NO_LEAKAGE)]
         )
 
-    sql.register_parquet("features", path("feature_aggregates", "train"))
-    train_query = matrix_sql(sql, path("cohort", "train"), columns, labels_path=path("labels", "labels"))
+    snapshots = stacked_snapshots(storage, run)
+    for snapshot in snapshots:
+        k, role = snapshot.weeks_back, snapshot_role(snapshot)
+        sql.register_parquet(f"cohort_{k}", path("cohort", *role))
+        sql.register_parquet(f"features_{k}", path("feature_aggregates", *role))
+        sql.register_parquet(f"labels_{k}", path("labels", *role))
+    train_query = training_matrix_query(tuple(columns), len(snapshots))
     train_rows = sql.write(train_query, storage, matrix_parts(run, "train"))
     train = pd.read_parquet(storage.path(*matrix_parts(run, "train")))
     with storage.temp_dir() as temp:
@@ -83,6 +87,7 @@ def feature_matrix(
         metadata={
             **metadata,
             "train_rows": train_rows,
+            "training_snapshots": len(snapshots),
             "positives": positives,
             "positive_rate": float(positives / max(train_rows, 1)),
             "path": dg.MetadataValue.path(storage.path(*run.parts("feature_matrix"))),

@@ -1,14 +1,15 @@
 """Feature aggregates: rolling weekly windows per selected event, event-property and user-property features, as
-of the training cutoff (for training) and as of the partition's end (for inference), from one SQL definition."""
+of each training snapshot's cutoff (for training) and as of the partition's end (for inference), from one SQL definition."""
 
 from datetime import datetime
 
 import dagster as dg
 
+from automl_assets.cohort import cohort
 from automl_assets.core.feature_sql import FeatureQuery, Taxonomy, feature_query
 from automl_assets.core.timewin import epoch_hour, hours_between
 from automl_assets.partitions import prediction_hour_partitions
-from automl_assets.predictions import PredictionRun, prediction_run, scoring_scope, trains_in_this_run
+from automl_assets.predictions import INFER, PredictionRun, cutoffs_by_role, prediction_run, scoring_scope
 from automl_assets.taxonomy import PREDICTION_GROUP, TAXONOMY_FILE, taxonomy
 from resources.engine import EngineResource
 from resources.storage import LocalStorage
@@ -16,12 +17,6 @@ from resources.storage import LocalStorage
 
 def load_taxonomy(storage, run: PredictionRun) -> Taxonomy:
     return Taxonomy.from_dict(storage.read_json(*run.parts("taxonomy", TAXONOMY_FILE))["taxonomy"])
-
-
-def roles(context: dg.AssetExecutionContext, run: PredictionRun) -> dict[str, datetime]:
-    """The cutoffs a run works at: training rows as of C (only when the run trains), inference rows as of A."""
-    cutoffs = {"train": run.times.train_cutoff} if trains_in_this_run(context) else {}
-    return {**cutoffs, "infer": run.times.as_of}
 
 
 def features_query(chosen: Taxonomy, cutoff: datetime, only_active: bool) -> FeatureQuery:
@@ -32,11 +27,11 @@ def features_query(chosen: Taxonomy, cutoff: datetime, only_active: bool) -> Fea
 
 @dg.asset(
     partitions_def=prediction_hour_partitions,
-    deps=[taxonomy],
+    deps=[taxonomy, cohort],
     group_name=PREDICTION_GROUP,
     kinds={"duckdb", "spark", "parquet"},
     description="Per user: counts in 8 rolling weeks per selected event, recency, revenue, event-property value "
-    "counts and first/last user-property values, as of the training cutoff (training runs) and as of the "
+    "counts and first/last user-property values, as of each training snapshot's cutoff (training runs) and as of the "
     "partition's end (for everyone on the daily run, for the users active in the hour otherwise).",
 )
 def feature_aggregates(
@@ -45,18 +40,19 @@ def feature_aggregates(
     run = prediction_run(context, storage)
     sql = engine.engine()
     chosen = load_taxonomy(storage, run)
-    cutoffs = roles(context, run)
+    cutoffs = cutoffs_by_role(context, storage, run)
     sql.register_rollups(storage, hours_between(min(cutoffs.values()) - run.spec.lookback, run.times.as_of))
     scope = scoring_scope(context, run)
     rows = {}
     for role, cutoff in cutoffs.items():
-        query = features_query(chosen, cutoff, only_active=role == "infer" and scope == "active")
-        rows[role] = sql.write(query.sql, storage, run.parts("feature_aggregates", role))
+        query = features_query(chosen, cutoff, only_active=role == INFER and scope == "active")
+        rows[role] = sql.write(query.sql, storage, run.parts("feature_aggregates", *role))
     columns = query.columns
     storage.write_json(list(columns), *run.parts("feature_aggregates", "columns.json"))
     return dg.MaterializeResult(
         metadata={
-            **{f"{role}_users": count for role, count in rows.items()},
+            "infer_users": rows.pop(INFER),
+            **({"train_users": next(iter(rows.values())), "training_rows": sum(rows.values())} if rows else {}),
             "scope": scope,
             "n_features": len(columns),
             "feature_columns_sample": dg.MetadataValue.json(list(columns[:20])),

@@ -68,8 +68,8 @@ def promotion(storage, run: PredictionRun, metrics: dict) -> dict:
     kinds={"sagemaker", "scikitlearn", "tensorflow"},
     check_specs=[checks.PROMOTION_GATE],
     description="Logistic regression, gradient boosting and a Keras network trained on 80% of the training users "
-    "(class-rebalanced); the one with the best log-loss on the other 20% is kept, and promoted unless it is clearly "
-    "worse than the model in force.",
+    "(class-rebalanced), and their average; the one with the best log-loss on the other 20% is kept, and promoted "
+    "unless it is clearly worse than the model in force.",
 )
 def model(context: dg.AssetExecutionContext, storage: LocalStorage, sagemaker: LocalSageMaker) -> dg.MaterializeResult:
     run = prediction_run(context, storage)

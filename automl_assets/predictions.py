@@ -7,7 +7,15 @@ import dagster as dg
 
 from automl_assets.core import layout
 from automl_assets.core.spec import PredictionSpec, SpecError, spec_from_text
-from automl_assets.core.timewin import PartitionTimes, hour_from_token, hour_token, is_cadence_hour, partition_times
+from automl_assets.core.timewin import (
+    PartitionTimes,
+    TrainingSnapshot,
+    hour_from_token,
+    hour_token,
+    is_cadence_hour,
+    partition_times,
+    training_snapshots,
+)
 from automl_assets.partitions import PREDICTION, prediction_and_hour
 
 
@@ -80,6 +88,38 @@ def prediction_run(context: dg.AssetExecutionContext, storage) -> PredictionRun:
     return PredictionRun(prediction, spec, times)
 
 
+INFER = ("infer",)  # where an asset keeps its inference rows, beside one folder per training snapshot
+SNAPSHOTS_FILE = "snapshots.json"
+
+
+def snapshot_role(snapshot: TrainingSnapshot) -> tuple[str, ...]:
+    return ("train", f"weeks_back={snapshot.weeks_back}")
+
+
+def history_start(storage) -> datetime | None:
+    """The first hour in the event store."""
+    hours = storage.list_dir(*layout.events_root())
+    return hour_from_token(hours[0].removeprefix("hour=")) if hours else None
+
+
+def candidate_snapshots(storage, run: PredictionRun) -> list[TrainingSnapshot]:
+    """The weekly training snapshots the spec allows and the history covers (features and cohort read back the longer
+    of the lookback and `cohort.active_within`)."""
+    reads_before = max(run.spec.lookback, run.spec.active_within_delta)
+    return training_snapshots(run.times, run.spec.training_snapshots, reads_before, history_start(storage))
+
+
+def stacked_snapshots(storage, run: PredictionRun) -> list[TrainingSnapshot]:
+    """The training snapshots the cohort asset of this partition chose, newest first."""
+    parts = run.parts("cohort", SNAPSHOTS_FILE)
+    if not storage.exists(*parts):
+        raise dg.Failure(
+            f"{run.prediction} at {hour_token(run.hour)} has no training cohort ({storage.path(*parts)} is missing): "
+            "materialise `cohort` in the same training run."
+        )
+    return candidate_snapshots(storage, run)[: storage.read_json(*parts)["count"]]
+
+
 # A run tag that says whom a run scores: "active" (users seen in the partition's hour), "cohort" (everyone), or
 # "auto" (the whole cohort when the hour ends at midnight UTC, the daily run; active users otherwise).
 SCOPE_TAG = "automl/scope"
@@ -100,6 +140,12 @@ def trains_in_this_run(context: dg.AssetExecutionContext) -> bool:
     """Training rows (features as of C, labels, training cohort) are built only when the run also trains a model:
     an hourly scoring run reads one hour's worth of new data, not a second matrix."""
     return MODEL_KEY in context.job_def.asset_layer.executable_asset_keys
+
+
+def cutoffs_by_role(context: dg.AssetExecutionContext, storage, run: PredictionRun) -> dict[tuple[str, ...], datetime]:
+    """The cutoffs a run works at, by storage folder: each training snapshot (only when the run trains), and A."""
+    train = {snapshot_role(s): s.cutoff for s in stacked_snapshots(storage, run)} if trains_in_this_run(context) else {}
+    return {**train, INFER: run.times.as_of}
 
 
 def model_version(prediction: str, hour: datetime) -> str:

@@ -210,6 +210,7 @@ def drift_report(storage, prediction: str) -> tuple[float, str] | None:
         return None
     latest = hour_from_token(infer_hours[-1].removeprefix("hour="))
     train = pd.read_parquet(storage.path(*layout.prediction_asset(prediction, "feature_matrix", trained, "train", "matrix.parquet")))
+    train = train[train["snapshot"] == 0]  # the newest training snapshot: the population the model was validated on
     infer_path = layout.prediction_asset(prediction, "feature_matrix", latest, "infer", "matrix.parquet")
     if latest <= trained or not storage.exists(*infer_path):
         return None

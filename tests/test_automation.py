@@ -135,7 +135,10 @@ def test_drift_sensor_requests_a_retrain_and_says_why(store_with_events):
     fake_model(storage, "buy_7d", trained)
     rng = np.random.default_rng(0)
     train = pd.DataFrame({"user_id": [f"u{i}" for i in range(2000)], "label": 0, "f__view__w1": rng.poisson(2, 2000).astype(float)})
-    for hour, frame in ((trained, train), (latest, train.drop(columns="label"))):
+    # An older stacked snapshot with another distribution: the reference is the newest snapshot alone.
+    older = train.assign(f__view__w1=rng.poisson(9, 2000).astype(float))
+    stacked = pd.concat([train.assign(snapshot=0), older.assign(snapshot=1)], ignore_index=True)
+    for hour, frame in ((trained, stacked), (latest, train.drop(columns="label"))):
         role = "train" if hour == trained else "infer"
         path = storage.base.joinpath(*layout.prediction_asset("buy_7d", "feature_matrix", hour, role, "matrix.parquet"))
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -114,10 +114,15 @@ def test_model_learns_the_planted_signal_and_calibration_helps(graph):
 def test_training_matrix_has_labels_from_the_window_after_the_cutoff(graph):
     _, _, storage, _ = graph
     train = read(storage, "feature_matrix", "train", "matrix.parquet")
-    labels = read(storage, "labels", "labels")
-    positives = set(labels.loc[labels["outcome"] > 0, "user_id"])
-    assert set(train.loc[train["label"] == 1, "user_id"]) == positives & set(train["user_id"])
-    assert train["user_id"].is_unique and not train.isna().any().any()
+    snapshots = storage.read_json(*layout.prediction_asset(SPEC.name, "cohort", HOUR_H, "snapshots.json"))["count"]
+    # 4 weeks of history: the newest snapshot (cutoff END - 1w) reads 2 weeks back, one more fits (END - 2w).
+    assert snapshots == 2 and sorted(train["snapshot"].unique()) == [0, 1]
+    for weeks_back, rows in train.groupby("snapshot"):
+        labels = read(storage, "labels", "train", f"weeks_back={weeks_back}")
+        positives = set(labels.loc[labels["outcome"] > 0, "user_id"])
+        assert set(rows.loc[rows["label"] == 1, "user_id"]) == positives & set(rows["user_id"])
+        assert rows["user_id"].is_unique
+    assert not train.isna().any().any()
     assert 0.02 < train["label"].mean() < 0.6
 
 

@@ -124,6 +124,16 @@ def test_well_supported_steps_follow_isotonic():
     np.testing.assert_allclose(calibrator.predict(middle)[trusted], calibrator.isotonic(middle)[trusted], atol=1e-3)
 
 
+def test_calibration_keeps_the_models_ranking():
+    raw, label = miscalibrated(5000, seed=8)
+    calibrator = fit_calibrator(raw, label)
+    grid = np.linspace(raw.min(), raw.max(), 20_001)
+    assert np.all(np.diff(calibrator.predict(grid)) > 0)  # isotonic alone is flat within each step
+    assert np.ptp(calibrator.isotonic(grid)) > 0 and (np.diff(calibrator.isotonic(grid)) == 0).mean() > 0.5
+    fresh_raw, fresh_label = miscalibrated(20_000, seed=9)
+    assert auc(fresh_label, calibrator.predict(fresh_raw)) == pytest.approx(auc(fresh_label, fresh_raw), abs=1e-12)
+
+
 def test_fit_needs_both_classes():
     with pytest.raises(ValueError, match="both classes"):
         fit_calibrator(np.linspace(0, 1, 100), np.zeros(100))

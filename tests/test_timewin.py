@@ -14,6 +14,7 @@ from automl_assets.core.timewin import (
     is_cadence_hour,
     parse_duration,
     partition_times,
+    training_snapshots,
 )
 from tests.conftest import utc
 
@@ -37,6 +38,24 @@ def test_partition_times_follow_the_design():
     assert times.label_end == times.as_of  # the label window ends at A: nothing after A is read
     assert times.train_lookback_start == times.train_cutoff - timedelta(weeks=8)
     assert times.predicts == (utc(2026, 3, 10, 14), utc(2026, 3, 17, 14))
+
+
+def test_training_snapshots_are_weeks_apart_and_stop_where_history_does():
+    times = partition_times(utc(2026, 3, 10, 11), horizon=timedelta(days=7), offset=timedelta(0), lookback=timedelta(weeks=8))
+    reads = timedelta(weeks=8)
+    everything = training_snapshots(times, 12, reads, history_start=utc(2020, 1, 1))
+    assert [s.weeks_back for s in everything] == list(range(12))
+    for snapshot in everything:
+        assert snapshot.cutoff == times.train_cutoff - timedelta(weeks=snapshot.weeks_back)
+        assert (snapshot.label_start, snapshot.label_end) == (snapshot.cutoff, snapshot.cutoff + timedelta(days=7))
+        assert snapshot.label_end <= times.as_of  # no label window reaches past A
+    # History from exactly what snapshot 2 reads: snapshots 0-2; one hour later: 0-1.
+    start = times.train_cutoff - timedelta(weeks=2) - reads
+    assert len(training_snapshots(times, 12, reads, history_start=start)) == 3
+    assert len(training_snapshots(times, 12, reads, history_start=start + HOUR)) == 2
+    # The newest snapshot is kept whatever the history (the eligibility check reports a short one).
+    assert [s.weeks_back for s in training_snapshots(times, 12, reads, history_start=None)] == [0]
+    assert len(training_snapshots(times, 1, reads, history_start=utc(2020, 1, 1))) == 1
 
 
 def test_partition_times_reject_a_time_inside_an_hour():

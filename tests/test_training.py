@@ -1,3 +1,4 @@
+import dataclasses
 import io
 import json
 import os
@@ -14,6 +15,7 @@ from automl_assets.core import sagemaker_entry
 from automl_assets.core.splits import user_fraction
 from automl_assets.core.tfrecord import import_tensorflow, tfrecord_dataset, write_tfrecord
 from automl_assets.core.training import (
+    ENSEMBLE,
     META_FILE,
     load_model,
     save_model,
@@ -101,7 +103,7 @@ def planted():
 
 def test_chooses_the_lowest_validation_log_loss(planted):
     matrix, columns, outcome = planted
-    assert set(outcome.metrics) == set(FAST_MODELS)
+    assert set(outcome.metrics) == {*FAST_MODELS, ENSEMBLE}
     assert outcome.chosen == min(outcome.metrics, key=lambda name: outcome.metrics[name]["log_loss"])
     for metrics in outcome.metrics.values():
         assert set(metrics) == {"auc", "log_loss", "brier", "ece", "positives", "n"}
@@ -124,6 +126,20 @@ def test_counts_and_validation_predictions_follow_the_user_split(planted):
     )
 
 
+def test_stacked_snapshots_train_on_every_snapshot_and_validate_on_the_newest():
+    newest, columns = planted_matrix(n_users=1500, seed=0)
+    older = newest.copy()  # the same users one week earlier, with other outcomes
+    older["label"] = 1 - older["label"]
+    matrix = pd.concat([newest.assign(snapshot=0), older.assign(snapshot=1)], ignore_index=True)
+    outcome = train_candidates(matrix, columns, models=("logistic_regression",))
+    train, validation = split_of(matrix)
+    assert outcome.n_train == train.sum() and outcome.n_validation == (validation & (matrix["snapshot"] == 0)).sum()
+    assert outcome.positives == matrix["label"][train].sum()
+    held_out = outcome.validation_predictions
+    assert held_out["user_id"].is_unique
+    assert held_out["label"].tolist() == newest["label"][validation[: len(newest)]].tolist()
+
+
 def test_candidates_are_compared_at_the_true_prior(planted):
     matrix, columns, outcome = planted
     rate = matrix["label"].mean()
@@ -141,14 +157,25 @@ def test_candidates_are_compared_at_the_true_prior(planted):
 def test_save_and_load_round_trip(planted, tmp_path):
     matrix, columns, outcome = planted
     save_model(outcome, tmp_path)
-    assert (tmp_path / "model.joblib").exists()
     meta = json.loads((tmp_path / META_FILE).read_text())
+    assert meta["members"] == (list(FAST_MODELS) if outcome.chosen == ENSEMBLE else [outcome.chosen])
+    assert all((tmp_path / f"{name}.joblib").exists() for name in meta["members"])
     assert meta["chosen"] == outcome.chosen and meta["feature_columns"] == columns
     assert meta["metrics"] == outcome.metrics and meta["train_positive_rate"] == outcome.positives / outcome.n_train
     assert {"python", "numpy", "pandas", "scikit-learn"} <= set(meta["versions"])
     loaded = load_model(tmp_path)
     reordered = matrix[["label", *columns[::-1], "user_id"]]  # column order in the frame does not matter
     np.testing.assert_array_equal(loaded.predict(reordered), outcome.models[outcome.chosen].predict(matrix))
+
+
+def test_the_ensemble_averages_its_members_and_round_trips(planted, tmp_path):
+    matrix, columns, outcome = planted
+    members = [outcome.models[name].predict(matrix) for name in FAST_MODELS]
+    np.testing.assert_allclose(outcome.models[ENSEMBLE].predict(matrix), np.mean(members, axis=0), rtol=1e-12)
+    save_model(dataclasses.replace(outcome, chosen=ENSEMBLE), tmp_path)
+    restored = load_model(tmp_path)
+    assert restored.name == ENSEMBLE and [member.name for member in restored.model] == list(FAST_MODELS)
+    np.testing.assert_allclose(restored.predict(matrix), outcome.models[ENSEMBLE].predict(matrix), rtol=1e-12)
 
 
 def test_refuses_a_matrix_without_both_classes_or_enough_rows():
@@ -218,7 +245,7 @@ def test_keras_mlp_trains_from_the_tfrecord_stream(keras_from_tfrecord):
 def test_keras_model_round_trip(keras_from_tfrecord, tmp_path):
     matrix, columns, path, outcome = keras_from_tfrecord
     save_model(outcome, tmp_path)
-    assert (tmp_path / "model.keras").exists()
+    assert (tmp_path / "keras_mlp.keras").exists()
     assert {"tensorflow", "keras"} <= set(json.loads((tmp_path / META_FILE).read_text())["versions"])
     np.testing.assert_allclose(load_model(tmp_path).predict(matrix), outcome.models["keras_mlp"].predict(matrix), rtol=1e-6)
 
@@ -278,15 +305,15 @@ def trained_job(tmp_path_factory):
 def test_train_job_writes_model_metrics_and_validation_predictions(trained_job):
     root, matrix, columns, result = trained_job
     metrics = json.loads((root / "output/data/metrics.json").read_text())
-    assert set(metrics["metrics"]) == {"logistic_regression", "hist_gradient_boosting", "keras_mlp"}
+    assert set(metrics["metrics"]) == {"logistic_regression", "hist_gradient_boosting", "keras_mlp", ENSEMBLE}
     assert metrics["chosen"] == min(metrics["metrics"], key=lambda name: metrics["metrics"][name]["log_loss"])
     assert metrics["n_train"] + metrics["n_validation"] == len(matrix)
     assert "validation:log_loss=" in result.stdout
 
     meta = json.loads((root / "model" / META_FILE).read_text())
     assert meta["feature_columns"] == columns and meta["chosen"] == metrics["chosen"]
-    model_file = "model.keras" if metrics["chosen"] == "keras_mlp" else "model.joblib"
-    assert (root / "model" / model_file).exists()
+    for name in meta["members"]:
+        assert (root / "model" / (f"{name}.keras" if name == "keras_mlp" else f"{name}.joblib")).exists()
 
     predictions = pd.read_parquet(root / "output/data/validation_predictions.parquet")
     assert list(predictions.columns) == ["user_id", "raw_score", "label"]

@@ -243,17 +243,25 @@ def label_query(event: str | None, where: dict[str, str], sum_revenue: bool) -> 
     return f"SELECT user_id, COUNT(*) AS outcome FROM ev WHERE {' AND '.join(conditions)} GROUP BY user_id"
 
 
-def matrix_query(columns: tuple[str, ...], *, with_label: bool) -> str:
-    """Cohort users left-joined to their features (absent -> 0) and, for training, their label (absent -> 0).
-    Views: `cohort`, `features`, and `labels` when `with_label`."""
-    feature_cols = ", ".join(f"CAST(COALESCE(f.{c}, 0) AS DOUBLE) AS {c}" for c in columns)
-    if with_label:
-        return (
-            "SELECT c.user_id, CAST(CASE WHEN l.outcome > 0 THEN 1 ELSE 0 END AS INT) AS label, "
-            f"{feature_cols} FROM cohort c LEFT JOIN features f ON f.user_id = c.user_id "
-            "LEFT JOIN labels l ON l.user_id = c.user_id ORDER BY c.user_id"
-        )
+def _feature_columns(columns: tuple[str, ...]) -> str:
+    return ", ".join(f"CAST(COALESCE(f.{c}, 0) AS DOUBLE) AS {c}" for c in columns)
+
+
+def matrix_query(columns: tuple[str, ...]) -> str:
+    """Cohort users left-joined to their features (absent -> 0). Views: `cohort`, `features`."""
     return (
-        f"SELECT c.user_id, c.active_last_hour, {feature_cols} FROM cohort c "
+        f"SELECT c.user_id, c.active_last_hour, {_feature_columns(columns)} FROM cohort c "
         "LEFT JOIN features f ON f.user_id = c.user_id ORDER BY c.user_id"
     )
+
+
+def training_matrix_query(columns: tuple[str, ...], snapshots: int) -> str:
+    """Per training snapshot k (weeks back from the newest), its cohort left-joined to its features (absent -> 0)
+    and its label (absent -> 0), stacked with `snapshot` = k. Views: `cohort_k`, `features_k`, `labels_k`."""
+    stacked = " UNION ALL ".join(
+        f"SELECT c.user_id, CAST({k} AS INT) AS snapshot, CAST(CASE WHEN l.outcome > 0 THEN 1 ELSE 0 END AS INT) "
+        f"AS label, {_feature_columns(columns)} FROM cohort_{k} c LEFT JOIN features_{k} f ON f.user_id = c.user_id "
+        f"LEFT JOIN labels_{k} l ON l.user_id = c.user_id"
+        for k in range(snapshots)
+    )
+    return f"SELECT * FROM ({stacked}) m ORDER BY snapshot, user_id"

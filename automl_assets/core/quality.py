@@ -18,6 +18,10 @@ MIN_NEGATIVES = 100
 LEAKAGE_AUC = 0.99
 LEAKAGE_CORRELATION = 0.95
 LEAKAGE_SAMPLE_ROWS = 200_000  # enough for stable single-feature AUCs, bounded cost on any matrix size
+# Training stacks weekly snapshots (spec `training_snapshots`) until the training rows reach this many: one snapshot of
+# a few thousand users is too small for the models to beat a 3-feature baseline (docs/evaluation.md), while a cohort of
+# this size gains little from more rows and would pay for each snapshot in time and memory. A cost bound.
+ENOUGH_TRAINING_ROWS = 200_000
 # A new model may be at most 5% worse than the model in force in normalised log-loss and still be promoted: the two
 # are measured on different label windows, and sampling noise on a few hundred held-out positives is of that order.
 PROMOTION_MARGIN = 0.05

@@ -40,7 +40,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from automl_assets.core.training import load_model, save_model, train_candidates
+from automl_assets.core.training import NOT_FEATURES, load_model, save_model, train_candidates
 
 log = logging.getLogger("automl_assets.sagemaker_entry")
 
@@ -92,7 +92,7 @@ def train() -> None:
     options = {key: cast(hyperparameters[key]) for key, cast in HYPERPARAMETERS.items() if key in hyperparameters}
     channel = _sm_path("SM_CHANNEL_TRAIN", "input/data/train")
     matrix = pd.read_parquet(channel / "matrix.parquet")
-    options.setdefault("feature_columns", [column for column in matrix.columns if column not in ("user_id", "label")])
+    options.setdefault("feature_columns", [column for column in matrix.columns if column not in NOT_FEATURES])
     tfrecord = channel / "matrix.tfrecord"
     outcome = train_candidates(matrix, tfrecord_path=tfrecord if tfrecord.exists() else None, **options)
     save_model(outcome, _sm_path("SM_MODEL_DIR", "model"))

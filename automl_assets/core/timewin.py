@@ -3,6 +3,8 @@
 Partition (hour H, prediction p) is "as of A = H + 1h": only events with event_time < A exist for it.
 Training uses cutoff C = A - offset - horizon: features and cohort as of C, label in [C + offset, A).
 Inference uses features and cohort as of A and predicts [A + offset, A + offset + horizon).
+Training may stack earlier snapshots C - k weeks (k = 1, 2, ...), each with its own label window
+[C - k weeks + offset, A - k weeks): every label window ends at or before A.
 """
 
 import re
@@ -115,6 +117,31 @@ def partition_times(hour_start: datetime, horizon: timedelta, offset: timedelta,
         lookback_start=as_of - lookback,
         train_lookback_start=cutoff - lookback,
     )
+
+
+@dataclass(frozen=True)
+class TrainingSnapshot:
+    """One stacked training cutoff: features and cohort as of `cutoff`, label in [label_start, label_end)."""
+
+    weeks_back: int
+    cutoff: datetime
+    label_start: datetime
+    label_end: datetime
+
+
+def training_snapshots(times: PartitionTimes, count: int, reads_before: timedelta, history_start: datetime | None) -> list[TrainingSnapshot]:
+    """C, C - 1 week, ... (at most `count`), newest first. A snapshot is a week apart so that its cutoff falls on the
+    same weekday and hour as the inference cutoff (weekly rhythms line up). Older snapshots are kept only while what
+    they read (`reads_before` their cutoff) lies inside the history; the newest is always kept, and the
+    training-eligibility check reports when its history is short."""
+    snapshots = []
+    for weeks_back in range(count):
+        shift = weeks_back * WEEK
+        cutoff = times.train_cutoff - shift
+        if weeks_back and (history_start is None or cutoff - reads_before < history_start):
+            break
+        snapshots.append(TrainingSnapshot(weeks_back, cutoff, times.label_start - shift, times.label_end - shift))
+    return snapshots
 
 
 def is_cadence_hour(as_of: datetime, every: timedelta) -> bool:

@@ -29,6 +29,14 @@ log = logging.getLogger(__name__)
 
 KERAS_MLP = "keras_mlp"
 MODELS = ("logistic_regression", "hist_gradient_boosting", KERAS_MLP)
+# The mean of the fitted candidates' raw scores: a candidate like the others, chosen only when its validation
+# log-loss is the lowest. Averaging models that err differently is steadier than picking one of them on a validation
+# split of a few hundred users (docs/evaluation.md).
+ENSEMBLE = "ensemble"
+# Share of the training users (by a keyed hash, all rows of a user together) the Keras candidate stops early on: the
+# validation users must stay unseen by every candidate, or the comparison favours the one that peeked.
+EARLY_STOPPING_FRACTION = 0.1
+EARLY_STOPPING_SEED = 2  # differs from the training split's and the calibrator's seeds
 META_FILE = "model_meta.json"
 # Below these the validation metrics (and the calibrator fitted on the validation predictions) are noise.
 MIN_ROWS = 100
@@ -37,6 +45,8 @@ KERAS_BATCH_SIZE = 256
 KERAS_MAX_EPOCHS = 10
 KERAS_SHUFFLE_BUFFER = 10_000  # records; about 16 MB at 400 features
 PREDICT_BATCH_SIZE = 8192
+# Columns of a training matrix that are not features: the user, the stacked snapshot (weeks back), the label.
+NOT_FEATURES = ("user_id", "snapshot", "label")
 
 
 def signed_log1p(x, xp=np):
@@ -124,12 +134,14 @@ def _fit_keras_mlp(data: _TrainingData):
     import keras
 
     keras.utils.set_random_seed(data.seed)  # weight initialisation and shuffling draw from the global seeds
-    transformed = signed_log1p(data.X_train)
+    stopping = user_fraction(data.train_user_ids, EARLY_STOPPING_SEED) < EARLY_STOPPING_FRACTION
+    X_fit, y_fit = data.X_train[~stopping], data.y_train[~stopping]
+    transformed = signed_log1p(X_fit)
     variance = transformed.var(axis=0)
     variance[variance == 0] = 1.0  # constant features: centre them, do not divide by zero
     model = keras.Sequential(
         [
-            keras.Input((data.X_train.shape[1],)),
+            keras.Input((X_fit.shape[1],)),
             keras.layers.Normalization(mean=transformed.mean(axis=0), variance=variance),
             keras.layers.Dense(32, activation="relu"),
             keras.layers.Dense(16, activation="relu"),
@@ -137,7 +149,7 @@ def _fit_keras_mlp(data: _TrainingData):
         ]
     )
     model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="binary_crossentropy")
-    w_negative, w_positive = (float(w) for w in compute_class_weight("balanced", classes=np.array([0, 1]), y=data.y_train))
+    w_negative, w_positive = (float(w) for w in compute_class_weight("balanced", classes=np.array([0, 1]), y=y_fit))
 
     def sample_weight(y, xp=np):  # the weights class_weight="balanced" gives the scikit-learn candidates
         return xp.where(y == 1, w_positive, w_negative)
@@ -145,32 +157,31 @@ def _fit_keras_mlp(data: _TrainingData):
     if data.tfrecord_path is None:
         train = {
             "x": transformed,
-            "y": data.y_train,
-            "sample_weight": sample_weight(data.y_train),
+            "y": y_fit,
+            "sample_weight": sample_weight(y_fit),
             "batch_size": KERAS_BATCH_SIZE,
         }
     else:
-        # Stream the training users' rows from the TFRecord file: the same users as the in-memory split, by id.
+        # Stream the fitting users' rows from the TFRecord file: the same users as the in-memory split, by id.
         stream = tfrecord_dataset(
             data.tfrecord_path,
-            data.X_train.shape[1],
+            X_fit.shape[1],
             KERAS_BATCH_SIZE,
-            user_ids=data.train_user_ids,
+            user_ids=np.unique(data.train_user_ids[~stopping]),
             shuffle_buffer=KERAS_SHUFFLE_BUFFER,
             seed=data.seed,
         )
-        # The stream must yield the in-memory training rows: declaring their batch count lets Keras plan its epochs,
+        # The stream must yield the in-memory fitting rows: declaring their batch count lets Keras plan its epochs,
         # and makes a TFRecord file written from another matrix fail at the end of the first epoch.
-        batches = -(-len(data.y_train) // KERAS_BATCH_SIZE)
+        batches = -(-len(y_fit) // KERAS_BATCH_SIZE)
         stream = stream.apply(tf.data.experimental.assert_cardinality(batches)).map(
             lambda x, y: (signed_log1p(x, tf.math), y, sample_weight(y, tf))
         )
         train = {"x": stream, "shuffle": False}  # the stream shuffles its records itself
-    # Early stopping watches the validation split: it only picks among a few epochs, a small optimism next to the
-    # cost of carving a third split out of the streamed records.
+    X_stop, y_stop = data.X_train[stopping], data.y_train[stopping]
     model.fit(
         **train,
-        validation_data=(signed_log1p(data.X_validation), data.y_validation, sample_weight(data.y_validation)),
+        validation_data=(signed_log1p(X_stop), y_stop, sample_weight(y_stop)),
         epochs=KERAS_MAX_EPOCHS,
         callbacks=[keras.callbacks.EarlyStopping(patience=2, restore_best_weights=True)],
         verbose=0,
@@ -186,7 +197,7 @@ CANDIDATES = {
 
 
 def _model_file(name: str) -> str:
-    return "model.keras" if name == KERAS_MLP else "model.joblib"
+    return f"{name}.keras" if name == KERAS_MLP else f"{name}.joblib"
 
 
 @dataclass
@@ -206,6 +217,8 @@ class ScoringModel:
     def _scores(self, X: np.ndarray) -> np.ndarray:
         if len(X) == 0:
             return np.empty(0)
+        if self.name == ENSEMBLE:  # self.model: the member ScoringModels
+            return np.mean([member._scores(X) for member in self.model], axis=0)
         if self.name == KERAS_MLP:
             balanced = self.model.predict(signed_log1p(X), batch_size=PREDICT_BATCH_SIZE, verbose=0)[:, 0]
         else:
@@ -248,6 +261,9 @@ def train_candidates(
 ) -> TrainingOutcome:
     """Fit each of ``models`` on the training users and choose the one with the lowest validation log-loss.
 
+    A ``snapshot`` column (weeks back; 0 is the newest) marks a matrix that stacks several training cutoffs: see
+    the split below.
+
     ``tfrecord_path``: the same matrix as a TFRecord file (see tfrecord.write_tfrecord, same feature order); the
     Keras candidate then streams its training rows from it instead of from memory.
     """
@@ -267,6 +283,11 @@ def train_candidates(
     train, validation = split_users(
         matrix["user_id"], validation_fraction=validation_fraction, max_training_users=max_training_users, seed=seed
     )
+    if "snapshot" in matrix.columns:
+        # A stacked matrix: the training users' rows of every snapshot are fitted on, but validation (and the
+        # calibrator fitted on its predictions) keeps the newest snapshot, the label window closest to the one
+        # scores are about. Older rows of validation users are used by neither side.
+        validation &= matrix["snapshot"].to_numpy() == 0
     _require_both_classes(labels[train | validation], "training matrix", MIN_ROWS, MIN_PER_CLASS)
     _require_both_classes(labels[train], "training split", 1, 1)
     _require_both_classes(labels[validation], "validation split", 1, 1)
@@ -295,7 +316,12 @@ def train_candidates(
         # as probabilities and not their shared rebalancing bias.
         metrics[name] = summarise(data.y_validation, to_prior(scores[name], positive_rate))
         log.info("candidate %s: %s", name, metrics[name])
-    chosen = min(models, key=lambda name: metrics[name]["log_loss"])
+    if len(models) > 1:
+        fitted[ENSEMBLE] = ScoringModel(ENSEMBLE, [fitted[name] for name in models], feature_columns, positive_rate)
+        scores[ENSEMBLE] = np.mean([scores[name] for name in models], axis=0)
+        metrics[ENSEMBLE] = summarise(data.y_validation, to_prior(scores[ENSEMBLE], positive_rate))
+        log.info("candidate %s of %s: %s", ENSEMBLE, list(models), metrics[ENSEMBLE])
+    chosen = min(metrics, key=lambda name: metrics[name]["log_loss"])
 
     return TrainingOutcome(
         chosen=chosen,
@@ -315,44 +341,55 @@ def train_candidates(
     )
 
 
-def _versions(name: str) -> dict:
+def _versions(names: list[str]) -> dict:
     versions = {
         "python": platform.python_version(),
         "numpy": np.__version__,
         "pandas": pd.__version__,
         "scikit-learn": sklearn.__version__,
     }
-    if name == KERAS_MLP:
+    if KERAS_MLP in names:
         import keras
 
         versions.update(tensorflow=import_tensorflow().__version__, keras=keras.__version__)
     return versions
 
 
+def _members(scoring: ScoringModel) -> list[ScoringModel]:
+    return scoring.model if scoring.name == ENSEMBLE else [scoring]
+
+
 def save_model(outcome: TrainingOutcome, model_dir) -> None:
-    """Write the chosen model (``model.joblib`` or ``model.keras``) and ``model_meta.json`` into ``model_dir``."""
+    """Write the chosen model into ``model_dir``: one file per model it is made of (``<name>.joblib`` or
+    ``<name>.keras``; several for the ensemble) and ``model_meta.json``."""
     model_dir = Path(model_dir)
     model_dir.mkdir(parents=True, exist_ok=True)
     scoring = outcome.models[outcome.chosen]
-    path = model_dir / _model_file(scoring.name)
-    if scoring.name == KERAS_MLP:
-        scoring.model.save(path)
-    else:
-        joblib.dump(scoring.model, path)
-    meta = {**outcome.summary(), "feature_columns": scoring.feature_columns, "versions": _versions(scoring.name)}
+    members = _members(scoring)
+    for member in members:
+        path = model_dir / _model_file(member.name)
+        if member.name == KERAS_MLP:
+            member.model.save(path)
+        else:
+            joblib.dump(member.model, path)
+    names = [member.name for member in members]
+    meta = {**outcome.summary(), "members": names, "feature_columns": scoring.feature_columns, "versions": _versions(names)}
     (model_dir / META_FILE).write_text(json.dumps(meta, indent=2))
 
 
-def load_model(model_dir) -> ScoringModel:
-    model_dir = Path(model_dir)
-    meta = json.loads((model_dir / META_FILE).read_text())
-    name = meta["chosen"]
+def _load_member(model_dir: Path, name: str):
     path = model_dir / _model_file(name)
     if name == KERAS_MLP:
         import_tensorflow()
         import keras
 
-        model = keras.models.load_model(path)
-    else:
-        model = joblib.load(path)
-    return ScoringModel(name, model, meta["feature_columns"], meta["train_positive_rate"])
+        return keras.models.load_model(path)
+    return joblib.load(path)
+
+
+def load_model(model_dir) -> ScoringModel:
+    model_dir = Path(model_dir)
+    meta = json.loads((model_dir / META_FILE).read_text())
+    columns, rate = meta["feature_columns"], meta["train_positive_rate"]
+    members = [ScoringModel(name, _load_member(model_dir, name), columns, rate) for name in meta["members"]]
+    return ScoringModel(ENSEMBLE, members, columns, rate) if meta["chosen"] == ENSEMBLE else members[0]
