@@ -18,7 +18,12 @@ class EngineResource(dg.ConfigurableResource):
 
 class DuckDBEngineResource(EngineResource):
     threads: int = Field(default=0, description="Worker threads; 0 lets DuckDB use every core.")
-    memory_limit: str = Field(default="", description="e.g. '8GB'; empty keeps DuckDB's default (80% of RAM).")
+    memory_limit: str = Field(
+        default="",
+        description="DuckDB's memory limit, e.g. '8GB' or '25%' of RAM (larger operations spill to disk); empty keeps "
+        "DuckDB's default, 80% of RAM. Measured at 20M events (benchmarks/README.md): '25%' made the feature steps "
+        "2-3x slower (they spill) without lowering a run's peak, which is the training subprocess's.",
+    )
     _engine: DuckDBEngine | None = PrivateAttr(default=None)
 
     def engine(self) -> DuckDBEngine:

@@ -17,8 +17,12 @@ EMBEDDED_SPARK_CONFIG = {
     "spark.ui.enabled": "false",
     "spark.ui.showConsoleProgress": "false",
     "spark.driver.memory": "6g",
-    # Rollups come back to the driver as Arrow: a 20M-event backfill exceeds the 1g default (measured, P3).
+    # Rollups come back to the driver as Arrow, a week of hours at a time; 4g leaves room for busy weeks.
     "spark.driver.maxResultSize": "4g",
+    # Hour-partitioned reads pass one path per hour: above the default threshold (32 paths) Spark lists them with a
+    # distributed job, ~10 s per view on local[*] (benchmarks/README.md); on the driver it takes ~1 s. Not for
+    # clusters reading S3, where parallel listing pays.
+    "spark.sql.sources.parallelPartitionDiscovery.threshold": "100000",
     "spark.sql.execution.arrow.pyspark.enabled": "true",
 }
 

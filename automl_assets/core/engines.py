@@ -5,12 +5,13 @@ both; only reading files into views, the hourly rollups' map explode, and writin
 Every engine offers the same verbs to the assets: register views over the store, run a query into pandas, write a
 query's result into the store, build rollups."""
 
+from collections.abc import Callable
 from datetime import datetime
 
+import numpy as np
 import pyarrow as pa
 
 from automl_assets.core import layout, spark_jobs
-from automl_assets.core.event_store import slices_by_key
 from automl_assets.core.timewin import from_epoch_hour
 
 _DUCKDB_TYPES = {"string": "VARCHAR", "long": "BIGINT", "double": "DOUBLE", "timestamp": "TIMESTAMPTZ", "map": "MAP(VARCHAR, VARCHAR)"}
@@ -36,18 +37,48 @@ _ROLLUP_ORDER = {
     "props": ("user_id", "event_type", "prop_key", "prop_value"),
     "users": ("user_id", "prop_key"),
 }
+# A range of hours is rolled up a week at a time: one query per kind and week, so what comes back to Python (and, on
+# Spark, to the driver) stays the size of a week whatever the backfill.
+ROLLUP_CHUNK_HOURS = 168
+
+
+def _ordered(kind: str, sql: str) -> str:
+    """The rollup query with its rows sorted by hour, then by the group keys."""
+    return f"SELECT * FROM ({sql}) r ORDER BY {', '.join(('hour_idx', *_ROLLUP_ORDER[kind]))}"
+
+
+def _sorted(kind: str, table: pa.Table) -> pa.Table:
+    """The same order, by Arrow (for Spark, whose global ORDER BY costs a sampling job and a shuffle per query)."""
+    return table.sort_by([(column, "ascending") for column in ("hour_idx", *_ROLLUP_ORDER[kind])])
 
 
 def write_rollups(storage, kind: str, table: pa.Table) -> int:
-    """One file per hour and kind, whatever engine aggregated them."""
-    table = table.sort_by([(column, "ascending") for column in ("hour_idx", *_ROLLUP_ORDER[kind])])
-    for hour_idx, chunk in slices_by_key(table, table["hour_idx"].to_numpy()).items():
+    """One file per hour and kind, from rows sorted by hour_idx (then the group keys), whatever engine made them."""
+    if not table.num_rows:
+        return 0
+    table = table.cast(spark_jobs.ROLLUP_ARROW[kind])
+    hour_idx = table["hour_idx"].to_numpy()
+    cuts = np.flatnonzero(np.diff(hour_idx)) + 1
+    for start, stop in zip(np.concatenate([[0], cuts]), np.concatenate([cuts, [len(hour_idx)]])):
         storage.write_table(
-            chunk.cast(spark_jobs.ROLLUP_ARROW[kind]),
-            *layout.rollup_hour(kind, from_epoch_hour(hour_idx)),
+            table.slice(start, stop - start),
+            *layout.rollup_hour(kind, from_epoch_hour(int(hour_idx[start]))),
             spark_jobs.ROLLUP_FILE,
         )
     return table.num_rows
+
+
+def build_rollups_by_week(
+    storage, hours: list[datetime], register: Callable[[list[datetime]], None], query: Callable[[str], pa.Table]
+) -> dict[str, int]:
+    """For each week of `hours`: `register` the view `ev` (events with hour_idx) over those hours, then write each
+    kind's rows, `query(kind)` returning them as Arrow sorted by hour_idx and the group keys."""
+    rows = dict.fromkeys(_ROLLUP_ORDER, 0)
+    for start in range(0, len(hours), ROLLUP_CHUNK_HOURS):
+        register(hours[start : start + ROLLUP_CHUNK_HOURS])
+        for kind in rows:
+            rows[kind] += write_rollups(storage, kind, query(kind))
+    return rows
 
 
 class SparkEngine:
@@ -75,11 +106,17 @@ class SparkEngine:
         return spark_jobs.write_frame(self.session.sql(sql), storage, parts)
 
     def build_rollups(self, storage, hours: list[datetime]) -> dict[str, int]:
-        """One Spark job per rollup kind whatever the number of hours; results come back as Arrow (rollups are
-        small) and are written one file per hour: thousands of tiny Spark output folders cost more than the work."""
-        events = spark_jobs.read_events(self.session, storage, hours)
-        events.selectExpr("*", f"{spark_jobs.HOUR_IDX_SQL} AS hour_idx").createOrReplaceTempView("ev")
-        return {kind: write_rollups(storage, kind, self.session.sql(sql).toArrow()) for kind, sql in spark_jobs.ROLLUP_SQL.items()}
+        """A week of hours per Spark job and rollup kind; results come back as Arrow (a week's rollups are small) and
+        are written one file per hour: thousands of tiny Spark output folders cost more than the work."""
+
+        def register(week: list[datetime]) -> None:
+            events = spark_jobs.read_events(self.session, storage, week)
+            events.selectExpr("*", f"{spark_jobs.HOUR_IDX_SQL} AS hour_idx").createOrReplaceTempView("ev")
+
+        def query(kind: str) -> pa.Table:
+            return _sorted(kind, self.session.sql(spark_jobs.ROLLUP_SQL[kind]).toArrow())
+
+        return build_rollups_by_week(storage, hours, register, query)
 
 
 class DuckDBEngine:
@@ -126,9 +163,14 @@ class DuckDBEngine:
         return rows
 
     def build_rollups(self, storage, hours: list[datetime]) -> dict[str, int]:
-        self.register_events(storage, hours, "ev_raw")
-        self.con.execute(
-            "CREATE OR REPLACE TEMP VIEW ev AS SELECT *, "
-            "CAST(floor(epoch_us(event_time) / 3600000000) AS BIGINT) AS hour_idx FROM ev_raw"
-        )
-        return {kind: write_rollups(storage, kind, self.con.sql(sql).to_arrow_table()) for kind, sql in _DUCKDB_ROLLUP_SQL.items()}
+        def register(week: list[datetime]) -> None:
+            self.register_events(storage, week, "ev_raw")
+            self.con.execute(
+                "CREATE OR REPLACE TEMP VIEW ev AS SELECT *, "
+                "CAST(floor(epoch_us(event_time) / 3600000000) AS BIGINT) AS hour_idx FROM ev_raw"
+            )
+
+        def query(kind: str) -> pa.Table:
+            return self.con.sql(_ordered(kind, _DUCKDB_ROLLUP_SQL[kind])).to_arrow_table()
+
+        return build_rollups_by_week(storage, hours, register, query)

@@ -35,9 +35,10 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from automl_assets.core.schema import EVENT_SCHEMA, QUARANTINE_SCHEMA
+from automl_assets.core.schema import EVENT_SCHEMA, PROPERTY_MAP, QUARANTINE_SCHEMA
 
 FORMATS = ("amplitude", "segment", "csv", "parquet")
 
@@ -493,6 +494,10 @@ def _open_binary(path: Path) -> io.BufferedIOBase:
 
 
 def _read_json(path: Path, fmt: str | None) -> IngestResult:
+    if fmt in (None, "amplitude"):
+        fast = _read_amplitude_vectorised(path, sniff=fmt is None)
+        if fast is not None:
+            return fast
     collector = _Collector(path, _json_raw)
     with _reading(path), _open_binary(path) as f:
         records = _json_records(f)
@@ -505,6 +510,273 @@ def _read_json(path: Path, fmt: str | None) -> IngestResult:
             else:
                 collector.reject(number, INVALID_JSON, raw)
     return collector.result()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Amplitude exports, vectorised. Arrow's JSON reader parses the file with every field typed strictly (a field of
+# another JSON type than expected, a repeated key, a line that is not one object: the file is read record by record);
+# the records whose every value has a plain shape are canonicalised with Arrow kernels, and any record they cannot
+# prove to handle exactly as _canonical does goes through the per-record path above. So the result (rows, order,
+# duplicates, quarantine) is the per-record reader's, only faster.
+
+_BLANK_BYTES = np.frombuffer(b" \t\n\r\x0b\x0c", np.uint8)  # bytes.isspace()
+_BLANK_AFTER_NEWLINE = re.compile(rb"\n[ \t\n\r\x0b\x0c]")
+# Strings whose first and last characters are not whitespace for str.strip() (ASCII controls and space, C1 controls,
+# no-break space, Unicode separators): for them _text is the string itself.
+_STRIPPED = r"(?s)^[^\x00-\x20\x7f-\x{a0}\pZ](.*[^\x00-\x20\x7f-\x{a0}\pZ])?$"
+# ISO times that datetime.fromisoformat reads and these kernels read alike (naive = UTC, as in _micros).
+_ISO_TIME = (
+    r"^(?P<date>[1-8]\d{3}-\d{2}-\d{2})[ T](?P<time>(?:[01]\d|2[0-3]):[0-5]\d:[0-5]\d)(?:\.(?P<fraction>\d{1,6}))?"
+    r"(?:Z|(?P<sign>[+-])(?P<zh>[01]\d|2[0-3]):(?P<zm>[0-5]\d))?$"
+)
+_EPOCH_MS = r"^\d{1,14}$"  # epoch milliseconds as digits, all within the accepted range of times
+_DECIMAL = r"^-?\d+(\.\d+)?$"  # revenue text that float() and Arrow's cast read alike
+_ID_FIELDS = ("user_id", "device_id", "event_type", "event_time", "insert_id", "$insert_id", "uuid")
+_AMPLITUDE_TYPES = pa.schema([*((name, pa.string()) for name in _ID_FIELDS), ("revenue", pa.float64())])
+
+
+def _line_spans(data: bytes) -> tuple[np.ndarray, np.ndarray]:
+    """(start, end) byte offsets of the non-blank lines of `data`; a line ends after its newline."""
+    buffer = np.frombuffer(data, np.uint8)
+    starts = np.concatenate([[0], np.flatnonzero(buffer == 10) + 1])
+    ends = np.concatenate([starts[1:], [len(buffer)]])
+    starts, ends = starts[ends > starts], ends[ends > starts]
+    keep = ~np.isin(buffer[starts], _BLANK_BYTES)  # a line starting with a visible byte is not blank
+    for row in np.flatnonzero(~keep):
+        keep[row] = not data[starts[row] : ends[row]].isspace()
+    return starts[keep], ends[keep]
+
+
+def _count_lines(data: bytes) -> int:
+    """The number of non-blank lines."""
+    if data[:1].isspace() or _BLANK_AFTER_NEWLINE.search(data):
+        return len(_line_spans(data)[0])
+    return data.count(b"\n") + (0 if data.endswith(b"\n") else 1)  # every line starts with a visible byte
+
+
+def _iso_micros(strings: pa.StringArray) -> tuple[np.ndarray, np.ndarray]:
+    """Microseconds of the leading `YYYY-MM-DD?HH:MM:SS` (ASCII digits, checked by _ISO_TIME) of each string, and
+    whether that date exists (fromisoformat rejects 2026-02-30)."""
+    offsets = np.frombuffer(strings.buffers()[1], np.int32)[strings.offset : strings.offset + len(strings)]
+    chars = np.frombuffer(strings.buffers()[2], np.uint8)[offsets[:, None] + np.arange(19)].astype(np.int64) - ord("0")
+
+    def number(first: int, width: int) -> np.ndarray:
+        return sum(chars[:, first + i] * 10 ** (width - 1 - i) for i in range(width))
+
+    year, month, day = number(0, 4), number(5, 2), number(8, 2)
+    valid = (month >= 1) & (month <= 12) & (day >= 1)
+    start = ((year - 1970) * 12 + np.clip(month, 1, 12) - 1).astype("datetime64[M]")
+    first_day = start.astype("datetime64[D]")
+    valid &= day <= ((start + 1).astype("datetime64[D]") - first_day).astype(np.int64)
+    days = first_day.astype(np.int64) + day - 1
+    return ((days * 24 + number(11, 2)) * 60 + number(14, 2)) * 60_000_000 + number(17, 2) * 1_000_000, valid
+
+
+def _mask(array: pa.Array) -> np.ndarray:
+    """A boolean array as numpy, null = False."""
+    return pc.fill_null(array, False).to_numpy(zero_copy_only=False)
+
+
+class _Plain:
+    """Vectorised _canonical over Arrow columns: values where a row's field has a plain shape, and `ok`, the rows all
+    of whose fields did (the others go record by record)."""
+
+    def __init__(self, table: pa.Table) -> None:
+        self.table = table
+        self.ok = np.ones(table.num_rows, bool)
+
+    def column(self, name: str) -> pa.Array:
+        if name in self.table.column_names:
+            return self.table[name].combine_chunks()
+        return pa.nulls(self.table.num_rows, _AMPLITUDE_TYPES.field(name).type if name in _AMPLITUDE_TYPES.names else pa.null())
+
+    @staticmethod
+    def present(strings: pa.Array) -> np.ndarray:
+        """Not missing for _first / _text: neither null nor empty (whitespace-only strings are not plain, see text)."""
+        return _mask(pc.not_equal(strings, ""))
+
+    def text(self, strings: pa.Array, rows: np.ndarray) -> pa.Array:
+        """_text of string values, required plain in `rows`."""
+        plain = _mask(pc.match_substring_regex(strings, _STRIPPED))
+        self.ok &= ~rows | plain
+        return strings
+
+    def micros(self, strings: pa.Array) -> np.ndarray:
+        n = len(strings)
+        out = np.zeros(n, np.int64)
+        iso = _mask(pc.match_substring_regex(strings, _ISO_TIME))
+        epoch = _mask(pc.match_substring_regex(strings, _EPOCH_MS))
+        self.ok &= iso | epoch
+        if epoch.any():
+            out[epoch] = pc.cast(strings.filter(epoch), pa.int64()).to_numpy() * 1000
+        if iso.any():
+            strings = strings.filter(iso)
+            us, valid = _iso_micros(strings)
+            field = pc.extract_regex(strings, _ISO_TIME).field  # optional groups that did not match are ""
+            us += pc.cast(pc.utf8_rpad(field("fraction"), 6, "0"), pa.int64()).to_numpy()
+            hours, minutes = (pc.cast(pc.utf8_lpad(field(name), 1, "0"), pa.int64()).to_numpy() for name in ("zh", "zm"))
+            offset = (hours * 60 + minutes) * 60_000_000
+            us -= np.where(_mask(pc.equal(field("sign"), "-")), -offset, offset)
+            out[iso] = us
+            self.ok[np.flatnonzero(iso)[~valid]] = False
+        return out
+
+    def revenue(self, record: pa.Array, properties: pa.Array | None) -> pa.Array:
+        """revenue, else _first(event_properties, "$revenue", "revenue"), as _revenue makes it."""
+        n = len(record)
+        values = np.full(n, np.nan)
+        known = _mask(pc.is_valid(record))
+        record_values = pc.fill_null(record, np.nan).to_numpy(zero_copy_only=False)
+        values[known] = record_values[known]
+        pending = ~known
+        if properties is not None:
+            for key in ("$revenue", "revenue"):
+                if key not in [f.name for f in properties.type]:
+                    continue
+                child = pc.struct_field(properties, key)
+                if pa.types.is_string(child.type):
+                    blank = ~self.present(child)
+                    number = _mask(pc.match_substring_regex(child, _DECIMAL))
+                    take = pending & ~blank
+                    self.ok &= ~take | number
+                    parsed = pc.cast(pc.if_else(pa.array(number), child, "0"), pa.float64()).to_numpy(zero_copy_only=False)
+                elif pa.types.is_integer(child.type) or pa.types.is_floating(child.type):
+                    take = pending & _mask(pc.is_valid(child))
+                    parsed = pc.cast(pc.fill_null(child, 0), pa.float64(), safe=False).to_numpy(zero_copy_only=False)
+                elif pa.types.is_null(child.type):
+                    continue
+                else:
+                    take = pending & _mask(pc.is_valid(child))
+                    self.ok &= ~take
+                    parsed = np.zeros(n)
+                values[take] = parsed[take]
+                pending &= ~take
+        self.ok &= ~np.isinf(values)
+        return pa.array(values, pa.float64(), mask=np.isnan(values))  # NaN, or none given: no revenue
+
+    def properties(self, column: pa.Array) -> pa.Array:
+        """_property_items of an object column as a map, keys sorted; values of other JSON types than string,
+        boolean or integer are not plain."""
+        n = len(column)
+        if pa.types.is_null(column.type):
+            return pa.MapArray.from_arrays(np.zeros(n + 1, np.int32), pa.array([], pa.string()), pa.array([], pa.string()))
+        if not pa.types.is_struct(column.type):
+            self.ok &= ~_mask(pc.is_valid(column))
+            return self.properties(pa.nulls(n))
+        keys, texts = [], []
+        for key in sorted(f.name for f in column.type):
+            child = pc.struct_field(column, key)
+            if pa.types.is_string(child.type):
+                text = child
+            elif pa.types.is_boolean(child.type):
+                text = pc.if_else(child, "true", "false")
+            elif pa.types.is_integer(child.type):
+                text = pc.cast(child, pa.string())
+            elif pa.types.is_null(child.type):
+                continue
+            else:
+                self.ok &= ~_mask(pc.is_valid(child))
+                continue
+            keys.append(key)
+            texts.append(text)
+        if not keys:
+            return self.properties(pa.nulls(n))
+        present = np.stack([_mask(pc.is_valid(text)) for text in texts], axis=1)  # rows x keys
+        row, key = np.nonzero(present)  # row-major: each row's entries in key order
+        offsets = np.concatenate([[0], np.cumsum(present.sum(axis=1))]).astype(np.int32)
+        values = pa.concat_arrays([text.cast(pa.string()) for text in texts]).take(pa.array(key * n + row))
+        return pa.MapArray.from_arrays(offsets, pa.array(keys, pa.string()).take(pa.array(key)), values)
+
+
+def _read_amplitude_vectorised(path: Path, sniff: bool) -> IngestResult | None:
+    """The Amplitude reader for files of one JSON object per line with plainly typed fields; None (read record by
+    record instead) for anything else: a first line that is not JSON, other layouts, Segment messages, fields of
+    unexpected JSON types, repeated keys, lines that are not one object."""
+    import pyarrow.json as pa_json
+
+    with _reading(path), _open_binary(path) as f:
+        data = f.read()
+    lines = (line for line in io.BytesIO(data) if not line.isspace())
+    first = next(lines, None)
+    try:
+        json.loads(first or b"")
+    except ValueError:
+        return None
+    if sniff and _sniff(_line_records(itertools.chain([first], lines)))[0] != "amplitude":
+        return None
+    try:
+        table = pa_json.read_json(
+            pa.BufferReader(data),
+            read_options=pa_json.ReadOptions(block_size=1 << 24),
+            parse_options=pa_json.ParseOptions(explicit_schema=_AMPLITUDE_TYPES, unexpected_field_behavior="infer"),
+        )
+    except pa.ArrowInvalid:
+        return None
+    if table.num_rows != _count_lines(data) or ("batch" in table.column_names and table["batch"].null_count < table.num_rows):
+        return None  # several values on a line, or Segment batches: record numbers would differ
+    plain = _Plain(table)
+    column = plain.column
+    user, device = column("user_id"), column("device_id")
+    has_user, has_device = plain.present(user), plain.present(device)
+    plain.ok &= has_user | has_device
+    user_id = pc.if_else(
+        pa.array(has_user), plain.text(user, has_user), pc.binary_join_element_wise("device:", plain.text(device, ~has_user & has_device), "")
+    )
+    event_type = column("event_type")
+    plain.ok &= plain.present(event_type)
+    plain.text(event_type, np.ones(len(event_type), bool))
+    micros = plain.micros(column("event_time"))
+    chosen = pa.nulls(table.num_rows, pa.string())
+    undecided = np.ones(table.num_rows, bool)
+    for name in ("insert_id", "$insert_id", "uuid"):
+        candidate = column(name)
+        here = undecided & plain.present(candidate)
+        plain.text(candidate, here)
+        chosen = pc.if_else(pa.array(here), candidate, chosen)
+        undecided &= ~here
+    plain.ok &= ~undecided  # no id at all: the derived id is computed record by record
+    event_properties = column("event_properties")
+    revenue = plain.revenue(column("revenue"), event_properties if pa.types.is_struct(event_properties.type) else None)
+    fast_events = pa.Table.from_arrays(
+        [
+            user_id,
+            event_type,
+            pa.array(micros).cast(pa.timestamp("us", tz="UTC")),
+            chosen,
+            plain.properties(event_properties),
+            plain.properties(column("user_properties")),
+            revenue,
+        ],
+        names=EVENT_SCHEMA.names,
+    ).filter(pa.array(plain.ok))
+    fast_events = fast_events.cast(EVENT_SCHEMA)
+    # The other records, one by one as the per-record reader reads them.
+    collector = _Collector(path, _json_raw)
+    slow_numbers = []
+    slow_rows = np.flatnonzero(~plain.ok)
+    starts, ends = _line_spans(data) if len(slow_rows) else (None, None)
+    for row in slow_rows:
+        records = list(_line_records([data[starts[row] : ends[row]]]))
+        if len(records) != 1:
+            return None
+        raw, value = records[0]
+        before = len(collector.rows)
+        if isinstance(value, dict):
+            collector.add(int(row) + 1, raw, _amplitude_fields, value)
+        else:
+            collector.reject(int(row) + 1, INVALID_JSON, raw)
+        if len(collector.rows) > before:
+            slow_numbers.append(int(row) + 1)
+    slow = collector.result()  # deduplicated among themselves; across both kinds of record below
+    events = fast_events
+    if slow.events.num_rows:
+        numbers = np.concatenate([np.flatnonzero(plain.ok) + 1, np.array(slow_numbers, np.int64)])
+        events = pa.concat_tables([fast_events, slow.events]).take(np.argsort(numbers, kind="stable"))
+    # The first occurrence of each insert_id wins, in file order.
+    positions = events.select(["insert_id"]).append_column("row", pa.array(np.arange(events.num_rows)))
+    first = positions.group_by("insert_id", use_threads=False).aggregate([("row", "min")]).column("row_min")
+    kept = events.take(np.sort(first.to_numpy()))
+    return IngestResult(events=kept, quarantine=slow.quarantine, duplicates=slow.duplicates + events.num_rows - kept.num_rows)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
