@@ -1,10 +1,14 @@
 """Model: candidates trained without humans by a SageMaker training job (local subprocess by default); the best by
 validation log-loss is kept with every candidate's metrics."""
 
+import ctypes
+import ctypes.util
+import gc
 import shutil
 from pathlib import Path
 
 import dagster as dg
+import pyarrow as pa
 
 from automl_assets.core.timewin import hour_token
 from automl_assets.feature_matrix import feature_matrix
@@ -29,6 +33,16 @@ def _copy_into_store(storage, source: Path, parts: tuple[str, ...]) -> None:
     with storage.temp_dir() as temp:
         shutil.copytree(source, temp / "copy")
         storage.install(temp / "copy", *parts)
+
+
+def return_freed_memory() -> None:
+    """Hand back to the OS what earlier steps of this run freed but the allocators kept (Arrow's pool, the C heap):
+    the training job is another process, and its peak adds to this one's."""
+    gc.collect()
+    pa.default_memory_pool().release_unused()
+    libc = ctypes.util.find_library("c")
+    if libc and hasattr(ctypes.CDLL(libc), "malloc_trim"):  # glibc only
+        ctypes.CDLL(libc).malloc_trim(0)
 
 
 def metrics_table(candidates: dict[str, dict], chosen: str) -> str:
@@ -85,6 +99,7 @@ def model(context: dg.AssetExecutionContext, storage: LocalStorage, sagemaker: L
             f"no training matrix for {run.prediction} at {hour_token(run.hour)}: materialise feature_matrix in the "
             "same run as model (a scoring-only run does not build one)."
         )
+    return_freed_memory()
     with sagemaker.train(job_name(run, "train"), {"train": train_channel}, hyperparameters, context.log.info) as job:
         _copy_into_store(storage, job.model_dir, run.parts("model", "model"))
         _copy_into_store(storage, job.output_data_dir, run.parts("model", "output"))
