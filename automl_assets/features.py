@@ -19,10 +19,11 @@ def load_taxonomy(storage, run: PredictionRun) -> Taxonomy:
     return Taxonomy.from_dict(storage.read_json(*run.parts("taxonomy", TAXONOMY_FILE))["taxonomy"])
 
 
-def features_query(chosen: Taxonomy, cutoff: datetime, only_active: bool) -> FeatureQuery:
-    """The feature rows as of `cutoff` over the registered rollup views; `only_active` keeps the users seen in the
-    hour before the cutoff (the hourly scoring set), so an hourly run computes features for them alone."""
-    return feature_query(chosen, epoch_hour(cutoff), active_only=only_active)
+def cohort_features_query(sql, storage, run: PredictionRun, role: tuple[str, ...], chosen: Taxonomy, cutoff: datetime) -> FeatureQuery:
+    """The feature rows of the cohort of `role` as of `cutoff` over the registered rollup views: only the cohort's
+    users are aggregated (a capped training cohort, or the users active in the hour on an hourly run)."""
+    sql.register_parquet("cohort", storage.path(*run.parts("cohort", *role)))
+    return feature_query(chosen, epoch_hour(cutoff), users="cohort")
 
 
 @dg.asset(
@@ -42,10 +43,9 @@ def feature_aggregates(
     chosen = load_taxonomy(storage, run)
     cutoffs = cutoffs_by_role(context, storage, run)
     sql.register_rollups(storage, hours_between(min(cutoffs.values()) - run.spec.lookback, run.times.as_of))
-    scope = scoring_scope(context, run)
     rows = {}
     for role, cutoff in cutoffs.items():
-        query = features_query(chosen, cutoff, only_active=role == INFER and scope == "active")
+        query = cohort_features_query(sql, storage, run, role, chosen, cutoff)
         rows[role] = sql.write(query.sql, storage, run.parts("feature_aggregates", *role))
     columns = query.columns
     storage.write_json(list(columns), *run.parts("feature_aggregates", "columns.json"))
@@ -53,7 +53,7 @@ def feature_aggregates(
         metadata={
             "infer_users": rows.pop(INFER),
             **({"train_users": next(iter(rows.values())), "training_rows": sum(rows.values())} if rows else {}),
-            "scope": scope,
+            "scope": scoring_scope(context, run),
             "n_features": len(columns),
             "feature_columns_sample": dg.MetadataValue.json(list(columns[:20])),
             **run.describe(),

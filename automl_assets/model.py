@@ -15,13 +15,12 @@ from automl_assets.feature_matrix import feature_matrix
 from automl_assets.partitions import prediction_hour_partitions
 from automl_assets import checks
 from automl_assets.core import quality
+from automl_assets.core.splits import SPLIT_SEED, VALIDATION_FRACTION
 from automl_assets.predictions import PredictionRun, model_in_force, model_version, prediction_run, promotion_parts
 from automl_assets.taxonomy import PREDICTION_GROUP, TAXONOMY_FILE
 from resources.sagemaker import LocalSageMaker
 from resources.storage import LocalStorage
 
-VALIDATION_FRACTION = 0.2  # 80/20 split by user
-SEED = 0
 
 
 def job_name(run: PredictionRun, kind: str) -> str:
@@ -91,7 +90,7 @@ def model(context: dg.AssetExecutionContext, storage: LocalStorage, sagemaker: L
         "models": list(run.spec.models),
         "validation_fraction": VALIDATION_FRACTION,
         "max_training_users": run.spec.max_training_users,
-        "seed": SEED,
+        "seed": SPLIT_SEED,
     }
     train_channel = Path(storage.path(*run.parts("feature_matrix", "train")))
     if not train_channel.exists():

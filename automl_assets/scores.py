@@ -13,10 +13,10 @@ from automl_assets.core.calibration import Calibrator
 from automl_assets.core.feature_sql import Taxonomy
 from automl_assets.core.timewin import hours_between
 from automl_assets.feature_matrix import feature_matrix, matrix_parts, matrix_sql
-from automl_assets.features import features_query
+from automl_assets.features import cohort_features_query
 from automl_assets.model import job_name
 from automl_assets.partitions import prediction_hour_partitions
-from automl_assets.predictions import PredictionRun, model_in_force, model_version, prediction_run, scoring_scope
+from automl_assets.predictions import INFER, PredictionRun, model_in_force, model_version, prediction_run, scoring_scope
 from automl_assets.taxonomy import PREDICTION_GROUP, TAXONOMY_FILE
 from resources.sagemaker import LocalSageMaker
 from resources.engine import EngineResource
@@ -52,7 +52,7 @@ def merge_latest(storage, prediction: str, new: pd.DataFrame) -> int:
     return len(latest)
 
 
-def inference_matrix(context, storage, engine: EngineResource, run: PredictionRun, trained_at, scope: str) -> pd.DataFrame:
+def inference_matrix(context, storage, engine: EngineResource, run: PredictionRun, trained_at) -> pd.DataFrame:
     """The partition's inference matrix, or — when the model in force was trained on another taxonomy (a retrain
     whose model was not promoted) — the same matrix rebuilt with that model's features by the same code."""
     model_taxonomy = storage.read_json(*layout.prediction_asset(run.prediction, "model", trained_at, TAXONOMY_FILE))["taxonomy"]
@@ -61,7 +61,7 @@ def inference_matrix(context, storage, engine: EngineResource, run: PredictionRu
     context.log.warning(f"the model in force was trained on another taxonomy; rebuilding features for {run.prediction}")
     sql = engine.engine()
     sql.register_rollups(storage, hours_between(run.times.lookback_start, run.times.as_of))
-    query = features_query(Taxonomy.from_dict(model_taxonomy), run.times.as_of, scope == "active")
+    query = cohort_features_query(sql, storage, run, INFER, Taxonomy.from_dict(model_taxonomy), run.times.as_of)
     sql.register_query("features", query.sql)
     return sql.to_pandas(matrix_sql(sql, storage.path(*run.parts("cohort", "infer")), query.columns))
 
@@ -89,7 +89,7 @@ def scores(
     version = model_version(run.prediction, trained_at)
     stored = storage.read_json(*calibrator_parts(run.prediction, trained_at))
     scope = scoring_scope(context, run)
-    matrix = inference_matrix(context, storage, engine, run, trained_at, scope)
+    matrix = inference_matrix(context, storage, engine, run, trained_at)
     if scope == "active":
         matrix = matrix[matrix["active_last_hour"] == 1]
     if matrix.empty:

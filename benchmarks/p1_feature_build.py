@@ -9,12 +9,15 @@ What is timed, for each of the project's engines (--engines; default every engin
   generate          synthetic events (not part of any ratio)
   ingest            event_store.write_events into the hour-partitioned store: ingestion, reported, NOT in the ratios
   <engine>_start    the engine as the project's resource builds it (resources.environments.engine_resource)
-  <engine>_rollups  engine.build_rollups over every hour of the history (one query per rollup kind and week)
-  <engine>_features feature_sql.feature_query (top 50 events by volume, weeks=8, no properties, as of END) over the
-                    rollup views of the 8 weeks (engine.register_rollups), written to parquet by engine.write
+  <engine>_cold     feature_sql.feature_query (top 50 events by volume, weeks=8, no properties, as of END) on the
+                    store as ingested, without rollups: engine.register_rollups makes the rollup views compute the
+                    hours not rolled up from their events (the same rollup definitions), written by engine.write
+  <engine>_rollups  engine.build_rollups over every hour of the history (one query per rollup kind and week): the
+                    backfill the hourly refresh (P2) reads; reported, not in the cold ratio
+  <engine>_features the same query over the stored rollups (the warm feature step)
   duckdb_hand       the hand-written DuckDB query over the store's events parquet files of the 8 weeks (one file per
                     hour, the files the project reads), written to parquet
-"project cold" = rollups + features (the engine's start is reported and given as a second ratio).
+"project cold" = <engine>_cold (the engine's start is reported and given as a second ratio).
 
 Every matrix is compared with the hand-written one after sorting by user_id: same users, same columns, equal values;
 any difference fails the script. Ratios are the last lines printed.
@@ -173,18 +176,22 @@ def main(argv=None) -> int:
         lookback = hours_between(as_of - timedelta(weeks=LOOKBACK_WEEKS), as_of)
         rows, failed = {}, {}
         for name in engines:
-            # Each engine starts cold and builds every rollup itself (overwriting the previous engine's files).
+            # Each engine starts cold (no rollups in the store) and then builds every rollup itself.
             engine = None
             try:
+                storage.remove("rollups")
                 with t.step(f"{name}_start", f"the project's {name} engine (embedded, default settings)"):
                     engine = c.make_engine(name)
-                with t.step(f"{name}_rollups", f"{name}: build_rollups over {len(all_hours)} hours (one query per kind and week)"):
+                with t.step(f"{name}_cold", f"{name}: feature_query ({len(query.columns)} columns) on a store without rollups: the rollup views compute them from the events, to parquet"):
+                    engine.register_rollups(storage, lookback)
+                    rows[name] = engine.write(query.sql, storage, ("bench", f"features_cold_{name}"))
+                c.log(f"{name} matrix: {rows[name]:,} users x {len(query.columns)} features")
+                with t.step(f"{name}_rollups", f"{name}: build_rollups over {len(all_hours)} hours (one query per kind and week), for the hourly refresh"):
                     rollup_rows = engine.build_rollups(storage, all_hours)
                 c.log(f"rollup rows: {rollup_rows}")
-                with t.step(f"{name}_features", f"{name}: feature_query ({len(query.columns)} columns) over the rollup views, to parquet"):
+                with t.step(f"{name}_features", f"{name}: the same feature_query over the stored rollups, to parquet"):
                     engine.register_rollups(storage, lookback)
-                    rows[name] = engine.write(query.sql, storage, ("bench", f"features_{name}"))
-                c.log(f"{name} matrix: {rows[name]:,} users x {len(query.columns)} features")
+                    engine.write(query.sql, storage, ("bench", f"features_{name}"))
             except Exception as error:  # noqa: BLE001 - a failing engine is a result, reported at the end
                 lines = [line.strip() for line in str(error).splitlines() if line.strip()]
                 reason = next((line for key in ("Job aborted", "Caused by", "Exception", "Error") for line in lines if key in line),
@@ -210,11 +217,13 @@ def main(argv=None) -> int:
         with t.step("compare", "sorting the matrices by user_id and comparing every value"):
             hand = load_sorted(duck_out)
             for name in engines:
-                compare("duckdb(hand-written)", hand, f"project({name})", load_sorted(storage.path("bench", f"features_{name}")), query.columns)
+                for kind in ("cold", "rollups"):
+                    path = storage.path("bench", f"features_{name}" if kind == "rollups" else f"features_cold_{name}")
+                    compare("duckdb(hand-written)", hand, f"project({name}, {kind})", load_sorted(path), query.columns)
 
         del hand
         default = c.default_engine()
-        project_seconds = {name: t[f"{name}_rollups"] + t[f"{name}_features"] for name in engines}
+        project_seconds = {name: t[f"{name}_cold"] for name in engines}
         # What P2 needs to refresh this store: the taxonomy's events and this run's numbers.
         (work / "p1_result.json").write_text(json.dumps({
             "events": list(events), "as_of": as_of.isoformat(), "n_events": n_events, "n_users": n_users,
@@ -236,8 +245,9 @@ def main(argv=None) -> int:
     goal = lambda r: "goal <= 1.0x MET" if r <= 1.0 else "goal <= 1.0x NOT MET"  # noqa: E731
     base = t["duckdb_hand"]
     for name in engines:
-        print(f"  project cold on {name}{' (the default engine)' if name == default else ''} = rollups + features = "
-              f"{project_seconds[name]:.1f} s (+ engine start {t[f'{name}_start']:.1f} s); hand-written DuckDB {base:.1f} s")
+        print(f"  project cold on {name}{' (the default engine)' if name == default else ''} = features from the events = "
+              f"{project_seconds[name]:.1f} s (+ engine start {t[f'{name}_start']:.1f} s); hand-written DuckDB {base:.1f} s; "
+              f"then the rollup backfill the hourly refresh reads {t[f'{name}_rollups']:.1f} s (not in the ratios)")
     for name, reason in failed.items():
         print(f"P1 ratio [{name}{', default engine' if name == default else ''}] cold project/DuckDB: FAILED "
               f"({reason[:160]})  goal <= 1.0x NOT MET")
@@ -246,9 +256,9 @@ def main(argv=None) -> int:
         r_cold = project_seconds[name] / base
         r_start = (project_seconds[name] + t[f"{name}_start"]) / base
         r_feat = t[f"{name}_features"] / base
-        print(f"P1 ratio [{tag}] cold project/DuckDB (rollups + features, excl. ingestion and engine start): {r_cold:.2f}x  {goal(r_cold)}")
+        print(f"P1 ratio [{tag}] cold project/DuckDB (features from the events, excl. ingestion and engine start): {r_cold:.2f}x  {goal(r_cold)}")
         print(f"P1 ratio [{tag}] cold project/DuckDB incl. engine start: {r_start:.2f}x  {goal(r_start)}")
-        print(f"P1 ratio [{tag}] feature step alone (rollups already built) project/DuckDB: {r_feat:.2f}x  {goal(r_feat)}")
+        print(f"P1 ratio [{tag}] feature step over built rollups project/DuckDB: {r_feat:.2f}x  {goal(r_feat)}")
     return 0
 
 

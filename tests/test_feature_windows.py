@@ -82,6 +82,7 @@ def test_cohort_and_the_hourly_scoring_set(boundary_store, engine):
 
 def test_both_engines_build_identical_rollups_and_features(tmp_path, spark_session):
     """One definition, two engines: DuckDB and Spark agree to the row on rollups, features, labels and cohorts."""
+    from automl_assets.core import layout
     from automl_assets.core.engines import DuckDBEngine, SparkEngine
     from automl_assets.core.event_store import write_events
     from automl_assets.core.feature_sql import EventProperty
@@ -109,12 +110,22 @@ def test_both_engines_build_identical_rollups_and_features(tmp_path, spark_sessi
         }
         engine.register_rollups(store, hours)
         engine.register_events(store, hours[-168:])
+        engine.register_query("active", f"SELECT user_id FROM counts WHERE hour_idx = {epoch_hour(end) - 1}")
         results[engine.name] = (
             rollups,
             engine.to_pandas(feature_query(taxonomy, epoch_hour(end)).sql),
-            engine.to_pandas(feature_query(taxonomy, epoch_hour(end), active_only=True).sql),
+            engine.to_pandas(feature_query(taxonomy, epoch_hour(end), users="active").sql),
             engine.to_pandas(label_query("purchase", {"category": "electronics"}, sum_revenue=False)),
             engine.to_pandas(cohort_query(epoch_hour(end), 24 * 14, 2, {"plan": "pro"})),
+        )
+        # A cold start: hours not rolled up yet are computed from their events by the same rollup definitions.
+        for hour in hours[::3]:
+            for kind in layout.ROLLUP_KINDS:
+                store.remove(*layout.rollup_hour(kind, hour))
+        engine.register_rollups(store, hours)
+        by_user = lambda frame: frame.sort_values("user_id").reset_index(drop=True)  # noqa: E731
+        pd.testing.assert_frame_equal(
+            by_user(engine.to_pandas(feature_query(taxonomy, epoch_hour(end)).sql)), by_user(results[engine.name][1])
         )
     duck, spark = results["duckdb"], results["spark"]
     assert duck[0].keys() == spark[0].keys() and len(duck[0]) > 100

@@ -10,7 +10,7 @@ SAMPLE = Path(__file__).resolve().parent.parent / "predictions" / "purchase_7d.y
 def test_sample_spec_loads_with_defaults():
     spec = load_spec(SAMPLE)
     assert spec.name == "purchase_7d" and spec.outcome.event == "purchase"
-    assert spec.lookback_weeks == 8 and spec.max_training_users == 5_000_000
+    assert spec.lookback_weeks == 8 and spec.max_training_users == 250_000
     assert spec.retrain_delta.days == 1  # weekly horizon -> daily retrain, shorter than the feature window
 
 

@@ -12,14 +12,13 @@ import pytest
 from scipy.special import expit
 
 from automl_assets.core import sagemaker_entry
-from automl_assets.core.splits import user_fraction
+from automl_assets.core.splits import split_users, user_fraction
 from automl_assets.core.tfrecord import import_tensorflow, tfrecord_dataset, write_tfrecord
 from automl_assets.core.training import (
     ENSEMBLE,
     META_FILE,
     load_model,
     save_model,
-    split_users,
     to_prior,
     train_candidates,
 )
@@ -82,6 +81,26 @@ def test_cap_keeps_the_lowest_hashed_users_of_each_side_in_proportion():
     assert not (kept & ~(more_train | more_validation)).any()
     reversed_train, _ = split_users(users[::-1], validation_fraction=0.2, max_training_users=1000, seed=0)
     assert set(users[::-1][reversed_train]) == set(users[train])
+
+
+def test_a_training_cohort_over_the_cap_keeps_the_users_training_would_keep(tmp_path):
+    import pyarrow as pa
+
+    from automl_assets.cohort import sample_training_users
+    from automl_assets.core.splits import SPLIT_SEED, VALIDATION_FRACTION
+    from resources.storage import LocalStorage
+
+    storage = LocalStorage(root=str(tmp_path))
+    users = pd.Series([f"user-{i}" for i in range(3000)])
+    storage.write_table(pa.table({"user_id": users, "active_last_hour": np.zeros(3000, dtype=np.int32)}), "cohort", "part-0.parquet")
+    assert sample_training_users(storage, ("cohort",), 1000) == 1000
+    kept = pd.read_parquet(storage.path("cohort"))["user_id"]
+    options = {"validation_fraction": VALIDATION_FRACTION, "max_training_users": 1000, "seed": SPLIT_SEED}
+    train, validation = split_users(users, **options)
+    assert set(kept) == set(users[train | validation])
+    # training on the sample keeps all of it, on the same sides
+    sample_train, sample_validation = split_users(kept, **options)
+    assert (sample_train | sample_validation).all() and set(kept[sample_validation]) == set(users[validation])
 
 
 def test_to_prior_undoes_balanced_class_weights():

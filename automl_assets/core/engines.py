@@ -19,14 +19,14 @@ _DUCKDB_TYPES = {"string": "VARCHAR", "long": "BIGINT", "double": "DOUBLE", "tim
 _DUCKDB_ROLLUP_SQL = {
     "counts": spark_jobs.ROLLUP_SQL["counts"],
     "props": "SELECT user_id, event_type, e.key AS prop_key, e.value AS prop_value, hour_idx, COUNT(*) AS n "
-    "FROM (SELECT user_id, event_type, hour_idx, unnest(map_entries(event_properties)) AS e FROM ev) p "
+    "FROM (SELECT user_id, event_type, hour_idx, unnest(map_entries(event_properties)) AS e FROM {events}) p "
     f"WHERE length(e.value) <= {spark_jobs.MAX_PROPERTY_VALUE_LENGTH} "
     "GROUP BY user_id, event_type, e.key, e.value, hour_idx",
     # Same tie-break as Spark: (event_time, insert_id).
     "users": "SELECT user_id, u.key AS prop_key, hour_idx, "
     "arg_min(u.value, (event_time, insert_id)) AS first_value, min(event_time) AS first_time, "
     "arg_max(u.value, (event_time, insert_id)) AS last_value, max(event_time) AS last_time "
-    "FROM (SELECT user_id, hour_idx, event_time, insert_id, unnest(map_entries(user_properties)) AS u FROM ev) p "
+    "FROM (SELECT user_id, hour_idx, event_time, insert_id, unnest(map_entries(user_properties)) AS u FROM {events}) p "
     "GROUP BY user_id, u.key, hour_idx",
 }
 
@@ -114,7 +114,7 @@ class SparkEngine:
             events.selectExpr("*", f"{spark_jobs.HOUR_IDX_SQL} AS hour_idx").createOrReplaceTempView("ev")
 
         def query(kind: str) -> pa.Table:
-            return _sorted(kind, self.session.sql(spark_jobs.ROLLUP_SQL[kind]).toArrow())
+            return _sorted(kind, self.session.sql(spark_jobs.ROLLUP_SQL[kind].format(events="ev")).toArrow())
 
         return build_rollups_by_week(storage, hours, register, query)
 
@@ -139,10 +139,26 @@ class DuckDBEngine:
         paths = spark_jobs.existing_hour_paths(storage, layout.events_root(), hours, ("events.parquet",))
         self._view(view, paths, spark_jobs.EVENTS)
 
+    def _register_events_with_hours(self, storage, hours: list[datetime], view: str) -> None:
+        self.register_events(storage, hours, f"{view}_raw")
+        self.con.execute(
+            f"CREATE OR REPLACE TEMP VIEW {view} AS SELECT *, "
+            f"CAST(floor(epoch_us(event_time) / 3600000000) AS BIGINT) AS hour_idx FROM {view}_raw"
+        )
+
     def register_rollups(self, storage, hours: list[datetime]) -> None:
+        """The stored rollups, and for hours not rolled up yet the same definitions over their events (see
+        spark_jobs.register_rollups)."""
+        rolled_up, unrolled = spark_jobs.split_by_rollups(storage, hours)
+        if unrolled:
+            self._register_events_with_hours(storage, unrolled, spark_jobs.UNROLLED_EVENTS)
         for kind, schema in spark_jobs.ROLLUPS.items():
-            paths = spark_jobs.existing_hour_paths(storage, layout.rollup_root(kind), hours, (spark_jobs.ROLLUP_FILE,))
-            self._view(kind, paths, schema)
+            paths = spark_jobs.existing_hour_paths(storage, layout.rollup_root(kind), rolled_up, (spark_jobs.ROLLUP_FILE,))
+            stored = f"{kind}_stored" if unrolled else kind
+            self._view(stored, paths, schema)
+            if unrolled:
+                computed = _DUCKDB_ROLLUP_SQL[kind].format(events=spark_jobs.UNROLLED_EVENTS)
+                self.con.execute(f"CREATE OR REPLACE TEMP VIEW {kind} AS SELECT * FROM {stored} UNION ALL BY NAME {computed}")
 
     def register_parquet(self, view: str, path: str) -> None:
         # A folder written by either engine: its part files.
@@ -164,13 +180,9 @@ class DuckDBEngine:
 
     def build_rollups(self, storage, hours: list[datetime]) -> dict[str, int]:
         def register(week: list[datetime]) -> None:
-            self.register_events(storage, week, "ev_raw")
-            self.con.execute(
-                "CREATE OR REPLACE TEMP VIEW ev AS SELECT *, "
-                "CAST(floor(epoch_us(event_time) / 3600000000) AS BIGINT) AS hour_idx FROM ev_raw"
-            )
+            self._register_events_with_hours(storage, week, "ev")
 
         def query(kind: str) -> pa.Table:
-            return self.con.sql(_ordered(kind, _DUCKDB_ROLLUP_SQL[kind])).to_arrow_table()
+            return self.con.sql(_ordered(kind, _DUCKDB_ROLLUP_SQL[kind].format(events="ev"))).to_arrow_table()
 
         return build_rollups_by_week(storage, hours, register, query)

@@ -101,14 +101,14 @@ class FeatureQuery:
     columns: tuple[str, ...]  # feature columns in matrix order (user_id comes first in the result)
 
 
-def feature_query(taxonomy: Taxonomy, as_of_hour: int, active_only: bool = False) -> FeatureQuery:
+def feature_query(taxonomy: Taxonomy, as_of_hour: int, users: str | None = None) -> FeatureQuery:
     """SQL for one row per user with any event in the lookback before `as_of_hour` (an epoch hour, exclusive):
     weekly counts per selected event, hours since its last occurrence, weekly revenue, event-property value counts
     over the most recent weeks, and first/last user-property values one-hot. Nothing at or after the cutoff is read.
-    `active_only` restricts the rows to users with an event in the last hour before the cutoff (before
-    aggregating, so an hourly run aggregates only their histories)."""
+    `users` names a view with a user_id column (the cohort) that restricts the rows before aggregating, so a run
+    aggregates only the histories it needs (an hourly run's cohort is the users active in the hour)."""
     names = _Names()
-    only = f" AND user_id IN (SELECT user_id FROM counts WHERE hour_idx = {as_of_hour - 1})" if active_only else ""
+    only = f" AND user_id IN (SELECT user_id FROM {users})" if users else ""
     weeks = taxonomy.weeks
     start = as_of_hour - weeks * HOURS_PER_WEEK
     never = weeks * HOURS_PER_WEEK + 1  # "hours since" for a user who never did it in the window
@@ -141,9 +141,11 @@ def feature_query(taxonomy: Taxonomy, as_of_hour: int, active_only: bool = False
             count_exprs.append(
                 f"SUM(CASE WHEN event_type = {literal} AND wk = {week} THEN COALESCE(revenue, 0) ELSE 0 END) AS {name}"
             )
+    # Counts are summed as DOUBLE (exact below 2^53): DuckDB sums BIGINT into 128-bit states, and at 170 sums per
+    # user those states made the aggregate about 30% slower (benchmarks/README.md, P1).
     counts_sql = (
         f"SELECT user_id, {', '.join(count_exprs)} FROM ("
-        f"SELECT user_id, event_type, hour_idx, n, revenue, "
+        f"SELECT user_id, event_type, hour_idx, CAST(n AS DOUBLE) AS n, revenue, "
         f"CAST(FLOOR(({as_of_hour} - 1 - hour_idx) / {HOURS_PER_WEEK}) AS INT) AS wk FROM counts "
         f"WHERE hour_idx >= {start} AND hour_idx < {as_of_hour}{only}) c GROUP BY user_id"
     )
@@ -163,7 +165,8 @@ def feature_query(taxonomy: Taxonomy, as_of_hour: int, active_only: bool = False
         parts.append(
             (
                 "prp",
-                f"SELECT user_id, {', '.join(exprs)} FROM props "
+                f"SELECT user_id, {', '.join(exprs)} FROM (SELECT user_id, event_type, prop_key, prop_value, hour_idx, "
+                "CAST(n AS DOUBLE) AS n FROM props) p "
                 f"WHERE hour_idx >= {prop_start} AND hour_idx < {as_of_hour}{only} GROUP BY user_id",
                 cols,
             )

@@ -61,18 +61,20 @@ ROLLUP_FILE = "part-0.parquet"
 MAX_PROPERTY_VALUE_LENGTH = 100  # longer values are free text or ids: no use as categorical signal
 
 HOUR_IDX_SQL = "CAST(FLOOR(unix_micros(event_time) / 3600000000) AS BIGINT)"
+# Each rollup kind's definition over a view `{events}` of events with their hour_idx: what the hourly_rollups asset
+# stores, and what the rollup views compute on the fly for hours not rolled up yet.
 ROLLUP_SQL = {
     "counts": "SELECT user_id, event_type, hour_idx, COUNT(*) AS n, SUM(revenue) AS revenue "
-    "FROM ev GROUP BY user_id, event_type, hour_idx",
+    "FROM {events} GROUP BY user_id, event_type, hour_idx",
     "props": "SELECT user_id, event_type, p.prop_key, p.prop_value, hour_idx, COUNT(*) AS n "
-    "FROM ev LATERAL VIEW explode(event_properties) p AS prop_key, prop_value "
+    "FROM {events} LATERAL VIEW explode(event_properties) p AS prop_key, prop_value "
     f"WHERE length(p.prop_value) <= {MAX_PROPERTY_VALUE_LENGTH} "
     "GROUP BY user_id, event_type, p.prop_key, p.prop_value, hour_idx",
     # Ties at the same microsecond are broken by insert_id, so first/last values never depend on file order.
     "users": "SELECT user_id, u.prop_key, hour_idx, "
     "min_by(u.prop_value, struct(event_time, insert_id)) AS first_value, min(event_time) AS first_time, "
     "max_by(u.prop_value, struct(event_time, insert_id)) AS last_value, max(event_time) AS last_time "
-    "FROM ev LATERAL VIEW explode(user_properties) u AS prop_key, prop_value "
+    "FROM {events} LATERAL VIEW explode(user_properties) u AS prop_key, prop_value "
     "GROUP BY user_id, u.prop_key, hour_idx",
 }
 
@@ -98,10 +100,36 @@ def read_rollup(spark: SparkSession, storage, kind: str, hours: list[datetime]) 
     return spark.read.schema(ROLLUPS[kind]).parquet(*paths) if paths else spark.createDataFrame([], ROLLUPS[kind])
 
 
+def split_by_rollups(storage, hours: list[datetime]) -> tuple[list[datetime], list[datetime]]:
+    """(hours whose rollups are built, hours with events but no rollups yet). An hour counts as rolled up when its
+    `counts` file exists: every hour with events has counts, while its property rollups may rightly be empty."""
+    rolled_up = set(storage.list_dir(*layout.rollup_root("counts")))
+    with_events = set(storage.list_dir(*layout.events_root()))
+    names = {hour: f"hour={hour_token(hour)}" for hour in hours}
+    return (
+        [hour for hour in hours if names[hour] in rolled_up],
+        [hour for hour in hours if names[hour] not in rolled_up and names[hour] in with_events],
+    )
+
+
+# The view of events of hours not rolled up yet, read by the rollup views (a name no other query registers).
+UNROLLED_EVENTS = "unrolled_ev"
+
+
 def register_rollups(spark: SparkSession, storage, hours: list[datetime]) -> None:
-    """Views `counts`, `props`, `users` over the given hours, the tables the feature SQL reads."""
+    """Views `counts`, `props`, `users` over the given hours, the tables the feature SQL reads: the stored rollups,
+    and for hours not rolled up yet the same rollup definitions computed from their events (a cold start needs no
+    rollup backfill before its first features)."""
+    rolled_up, unrolled = split_by_rollups(storage, hours)
+    if unrolled:
+        read_events(spark, storage, unrolled).selectExpr("*", f"{HOUR_IDX_SQL} AS hour_idx").createOrReplaceTempView(
+            UNROLLED_EVENTS
+        )
     for kind in ROLLUPS:
-        read_rollup(spark, storage, kind, hours).createOrReplaceTempView(kind)
+        frame = read_rollup(spark, storage, kind, rolled_up)
+        if unrolled:
+            frame = frame.unionByName(spark.sql(ROLLUP_SQL[kind].format(events=UNROLLED_EVENTS)))
+        frame.createOrReplaceTempView(kind)
 
 
 def parquet_rows(path) -> int:

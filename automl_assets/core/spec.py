@@ -67,7 +67,7 @@ class PredictionSpec(_Strict):
     user_property_values: int = Field(default=10, ge=2, le=200)
     retrain_every: str | None = None
     models: tuple[str, ...] = MODEL_CHOICES
-    max_training_users: int = Field(default=5_000_000, ge=100)
+    max_training_users: int = Field(default=250_000, ge=100)
     training_snapshots: int = Field(default=12, ge=1, le=52)
     offset: str = "0h"
 

@@ -22,7 +22,7 @@ from sklearn.preprocessing import FunctionTransformer, StandardScaler
 from sklearn.utils.class_weight import compute_class_weight
 
 from automl_assets.core.metrics import summarise
-from automl_assets.core.splits import user_fraction
+from automl_assets.core.splits import split_users, user_fraction
 from automl_assets.core.tfrecord import import_tensorflow, tfrecord_dataset
 
 log = logging.getLogger(__name__)
@@ -63,32 +63,6 @@ def to_prior(balanced: np.ndarray, positive_rate: float) -> np.ndarray:
     Bayes' rule: the odds scale by (rate / (1 - rate)) / (0.5 / 0.5).
     """
     return balanced * positive_rate / (balanced * positive_rate + (1 - balanced) * (1 - positive_rate))
-
-
-def split_users(
-    user_ids: pd.Series, *, validation_fraction: float, max_training_users: int, seed: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Boolean row masks ``(train, validation)``; rows of users beyond the cap are in neither.
-
-    Each user draws one stable fraction u from (seed, user_id) (splits.user_fraction): u < validation_fraction puts
-    it in validation. The cap keeps the users whose u is lowest *within their side* (u rescaled to [0, 1) on each
-    side), so it takes both sides in proportion and never moves a user across the split. All rows of a user land on
-    one side, and a user keeps its side from one retrain to the next.
-    """
-    if not 0 < validation_fraction < 1:
-        raise ValueError(f"validation_fraction must be between 0 and 1, got {validation_fraction}")
-    codes, uniques = pd.factorize(user_ids)
-    if (codes < 0).any():
-        raise ValueError("user_id has missing values")
-    fraction = user_fraction(uniques, seed)
-    in_validation = fraction < validation_fraction
-    kept = np.ones(len(uniques), dtype=bool)
-    if len(uniques) > max_training_users:
-        rank_in_side = np.where(
-            in_validation, fraction / validation_fraction, (fraction - validation_fraction) / (1 - validation_fraction)
-        )
-        kept = rank_in_side <= np.partition(rank_in_side, max_training_users - 1)[max_training_users - 1]
-    return (kept & ~in_validation)[codes], (kept & in_validation)[codes]
 
 
 def _require_both_classes(labels: np.ndarray, what: str, min_rows: int, min_per_class: int) -> None:
@@ -255,7 +229,7 @@ def train_candidates(
     *,
     models=MODELS,
     validation_fraction: float = 0.2,
-    max_training_users: int = 5_000_000,
+    max_training_users: int = 250_000,
     seed: int = 0,
     tfrecord_path=None,
 ) -> TrainingOutcome:
