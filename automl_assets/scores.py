@@ -52,18 +52,20 @@ def merge_latest(storage, prediction: str, new: pd.DataFrame) -> int:
     return len(latest)
 
 
-def inference_matrix(context, storage, engine: EngineResource, run: PredictionRun, trained_at) -> pd.DataFrame:
-    """The partition's inference matrix, or — when the model in force was trained on another taxonomy (a retrain
-    whose model was not promoted) — the same matrix rebuilt with that model's features by the same code."""
+def inference_matrix_dir(context, storage, engine: EngineResource, run: PredictionRun, trained_at) -> str:
+    """The parquet folder the transform job scores: the partition's inference matrix, or — when the model in force
+    was trained on another taxonomy (a retrain whose model was not promoted) — the same matrix rebuilt with that
+    model's features by the same code, kept beside the scores."""
     model_taxonomy = storage.read_json(*layout.prediction_asset(run.prediction, "model", trained_at, TAXONOMY_FILE))["taxonomy"]
     if model_taxonomy == storage.read_json(*run.parts("taxonomy", TAXONOMY_FILE))["taxonomy"]:
-        return pd.read_parquet(storage.path(*matrix_parts(run, "infer")))
+        return storage.path(*matrix_parts(run, *INFER))
     context.log.warning(f"the model in force was trained on another taxonomy; rebuilding features for {run.prediction}")
     sql = engine.engine()
     sql.register_rollups(storage, hours_between(run.times.lookback_start, run.times.as_of))
     query = cohort_features_query(sql, storage, run, INFER, Taxonomy.from_dict(model_taxonomy), run.times.as_of)
     sql.register_query("features", query.sql)
-    return sql.to_pandas(matrix_sql(sql, storage.path(*run.parts("cohort", "infer")), query.columns))
+    sql.write(matrix_sql(sql, storage.path(*run.parts("cohort", *INFER)), query.columns), storage, run.parts("scores", "matrix"))
+    return storage.path(*run.parts("scores", "matrix"))
 
 
 @dg.asset(
@@ -89,18 +91,16 @@ def scores(
     version = model_version(run.prediction, trained_at)
     stored = storage.read_json(*calibrator_parts(run.prediction, trained_at))
     scope = scoring_scope(context, run)
-    matrix = inference_matrix(context, storage, engine, run, trained_at)
-    if scope == "active":
+    matrix_dir = inference_matrix_dir(context, storage, engine, run, trained_at)
+    matrix = pd.read_parquet(matrix_dir, columns=["user_id", "active_last_hour"])
+    if scope == "active":  # the matrix of an hourly run holds those users only, unless it was built for another scope
         matrix = matrix[matrix["active_last_hour"] == 1]
     if matrix.empty:
         raw = np.array([], dtype=float)
     else:
-        with storage.temp_dir() as temp:
-            (temp / "input").mkdir()
-            matrix.to_parquet(temp / "input" / "part-0.parquet", index=False)
-            model_dir = storage.path(*layout.prediction_asset(run.prediction, "model", trained_at, "model"))
-            with sagemaker.transform(job_name(run, "transform"), model_dir, temp / "input", context.log.info) as output:
-                transformed = pd.read_parquet(output / "scores.parquet")
+        model_dir = storage.path(*layout.prediction_asset(run.prediction, "model", trained_at, "model"))
+        with sagemaker.transform(job_name(run, "transform"), model_dir, matrix_dir, context.log.info) as output:
+            transformed = pd.read_parquet(output / "scores.parquet")
         raw = matrix[["user_id"]].merge(transformed, on="user_id", how="left", validate="one_to_one")["raw_score"].to_numpy(float)
     score = Calibrator.from_dict(stored["calibrator"]).predict(raw)
     result = pd.DataFrame(

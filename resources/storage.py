@@ -82,6 +82,16 @@ class LocalStorage(dg.ConfigurableResource):
     def read_json(self, *parts: str) -> object:
         return json.loads(self.read_bytes(*parts))
 
+    def copy(self, source: tuple[str, ...], target: tuple[str, ...]) -> None:
+        """Copy a stored file to another place in the store: a hard link where the file system allows (stored files
+        are never changed in place, only replaced), else a byte copy."""
+        destination, temp = self._atomic_target(target)
+        try:
+            os.link(self.base.joinpath(*source), temp)
+        except OSError:
+            shutil.copyfile(self.base.joinpath(*source), temp)
+        os.replace(temp, destination)
+
     def install(self, source: Path, *parts: str) -> None:
         """Replace the file or folder at `parts` by `source` (made in `temp_dir`), swapping by rename."""
         target = self.base.joinpath(*parts)

@@ -77,3 +77,26 @@ def test_direct_writes_merge_with_what_is_stored(storage):
     assert event_store.write_events(storage, table) == [utc(2026, 3, 1, 5)]
     event_store.write_events(storage, table)
     assert storage.read_table(*layout.events_hour(utc(2026, 3, 1, 5))).num_rows == 1
+
+
+def test_an_hour_from_a_single_file_is_what_merging_would_write(storage, tmp_path):
+    """A new hour that one file fills is that file's staged chunk, copied: it must equal the merged hour (deduplicated,
+    sorted by event_time and insert_id, the store's schema) that the merge path writes."""
+    from automl_assets.core.ingest import read_events
+    from resources.storage import LocalStorage
+
+    unsorted = [
+        {"event_type": "view", "user_id": "u2", "event_time": "2026-03-01 05:40:00", "insert_id": "q", "event_properties": {"p": 1}},
+        {"event_type": "buy", "user_id": "u1", "event_time": "2026-03-01 05:10:00", "insert_id": "r", "revenue": 3.5},
+        {"event_type": "view", "user_id": "u1", "event_time": "2026-03-01 05:10:00", "insert_id": "a"},
+        {"event_type": "view", "user_id": "u1", "event_time": "2026-03-01 05:10:00", "insert_id": "a"},
+    ]
+    source = land(storage, lines=unsorted)
+    with dg.instance_for_test() as instance:
+        assert materialise_hours(storage, instance).success
+    copied = storage.read_table(*layout.events_hour(utc(2026, 3, 1, 5)))
+    merged_store = LocalStorage(root=str(tmp_path / "merged"))
+    event_store.write_events(merged_store, read_events(source).events)  # dedupe_events of the hour
+    merged = merged_store.read_table(*layout.events_hour(utc(2026, 3, 1, 5)))
+    assert copied.equals(merged) and copied.schema.equals(merged.schema)
+    assert copied.column("insert_id").to_pylist() == ["a", "r", "q"]

@@ -141,3 +141,26 @@ OUTPUTS = {
     "infer_matrix": ("feature_matrix", "infer", "matrix.parquet"),
     "scores": ("scores", "scores.parquet"),
 }
+
+
+def test_a_model_trained_on_another_taxonomy_scores_the_features_it_was_trained_on(graph):
+    """When the hour's taxonomy differs from the model in force's (a retrain that was not promoted), scoring rebuilds
+    the matrix with the model's taxonomy: here the model's own features, so the scores come out the same."""
+    instance, root, storage, engine = graph
+    before = read(storage, "scores", "scores.parquet")
+    parts = layout.prediction_asset(SPEC.name, "taxonomy", HOUR_H, "taxonomy.json")
+    stored = storage.read_json(*parts)
+    storage.write_json({**stored, "taxonomy": {**stored["taxonomy"], "events": stored["taxonomy"]["events"][:-1]}}, *parts)
+    try:
+        scoring = dg.materialize(
+            [a for a in PREDICTION_ASSETS if a.key.path[0] == "scores"],
+            instance=instance,
+            resources=resources(root, engine),
+            partition_key=prediction_hour_key(SPEC.name, HOUR_H),
+        )
+        assert scoring.success
+    finally:
+        storage.write_json(stored, *parts)
+    rebuilt = read(storage, "scores", "matrix")
+    assert len(rebuilt) == len(read(storage, "feature_matrix", "infer", "matrix.parquet"))
+    pd.testing.assert_frame_equal(read(storage, "scores", "scores.parquet"), before)

@@ -16,9 +16,10 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from automl_assets.core import layout
-from automl_assets.core.ingest import ColumnMapping, dedupe_events, read_events
+from automl_assets.core.ingest import CANONICAL_ORDER, ColumnMapping, dedupe_events, read_events
 from automl_assets.core.schema import EVENT_SCHEMA
 from automl_assets.core.timewin import from_epoch_hour, hour_token
 
@@ -73,7 +74,10 @@ def stage_file(storage, path: Path, fmt: str | None = None, mapping: ColumnMappi
     if storage.exists(*manifest_parts):
         return dict(storage.read_json(*manifest_parts), newly_staged=False)
     result = read_events(path, fmt, mapping or _mapping_for(path))
-    chunks = split_by_hour(result.events)
+    # Chunks in the store's canonical form (read_events has deduplicated them; dedupe_events' order and schema), so
+    # an hour that only this file fills is its chunk, copied as it is.
+    canonical = result.events.select(EVENT_SCHEMA.names).cast(EVENT_SCHEMA).sort_by(CANONICAL_ORDER)
+    chunks = split_by_hour(canonical)
     for hour, chunk in chunks.items():
         storage.write_table(chunk, *layout.staging(digest), f"hour={hour_token(hour)}.parquet")
     if result.quarantine.num_rows:
@@ -124,8 +128,14 @@ def merge_hours(storage, hours: list[datetime], manifests: list[dict]) -> dict[s
     def merge(hour: datetime) -> Counter:
         token = hour_token(hour)
         target = layout.events_hour(hour)
+        chunk_parts = [(*layout.staging(d), f"hour={token}.parquet") for d in sorted(chunks_by_hour.get(token, []))]
+        if not storage.exists(*target) and len(chunk_parts) == 1:
+            # A new hour from one file (the usual first ingest): its staged chunk is already the merged hour.
+            storage.copy(chunk_parts[0], target)
+            events = pq.read_metadata(storage.path(*target)).num_rows
+            return Counter(hours_with_events=1, events=events, new_events=events, duplicates_dropped=0)
         existing = storage.read_table(*target) if storage.exists(*target) else None
-        staged = [storage.read_table(*layout.staging(d), f"hour={token}.parquet") for d in sorted(chunks_by_hour.get(token, []))]
+        staged = [storage.read_table(*parts) for parts in chunk_parts]
         if existing is None and not staged:
             return Counter()
         before = existing.num_rows if existing is not None else 0

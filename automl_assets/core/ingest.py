@@ -955,6 +955,9 @@ def read_events(path: str | Path, fmt: str | None = None, mapping: ColumnMapping
         return _read_parquet(path, mapping or ColumnMapping())
 
 
+CANONICAL_ORDER = [("event_time", "ascending"), ("insert_id", "ascending")]
+
+
 def dedupe_events(*tables: pa.Table) -> pa.Table:
     """Union of EVENT_SCHEMA tables keeping the first row per insert_id (earlier arguments win), sorted by
     (event_time, insert_id) so the same input always gives the same output."""
@@ -963,4 +966,4 @@ def dedupe_events(*tables: pa.Table) -> pa.Table:
     combined = pa.concat_tables([table.select(EVENT_SCHEMA.names).cast(EVENT_SCHEMA) for table in tables])
     positions = combined.select(["insert_id"]).append_column("row", pa.array(np.arange(combined.num_rows)))
     first = positions.group_by("insert_id", use_threads=False).aggregate([("row", "min")]).column("row_min")
-    return combined.take(first).sort_by([("event_time", "ascending"), ("insert_id", "ascending")])
+    return combined.take(first).sort_by(CANONICAL_ORDER)
