@@ -22,7 +22,6 @@ from resources.sagemaker import LocalSageMaker
 from resources.storage import LocalStorage
 
 
-
 def job_name(run: PredictionRun, kind: str) -> str:
     # SageMaker job names allow [a-zA-Z0-9-] only.
     return f"{kind}-{run.prediction}-{hour_token(run.hour)}".replace("_", "-").replace("T", "t")

@@ -8,6 +8,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from automl_assets.core.splits import MAX_TRAINING_USERS
 from automl_assets.core.timewin import WEEK, format_duration, parse_duration
 
 NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
@@ -67,7 +68,7 @@ class PredictionSpec(_Strict):
     user_property_values: int = Field(default=10, ge=2, le=200)
     retrain_every: str | None = None
     models: tuple[str, ...] = MODEL_CHOICES
-    max_training_users: int = Field(default=250_000, ge=100)
+    max_training_users: int = Field(default=MAX_TRAINING_USERS, ge=100)
     training_snapshots: int = Field(default=12, ge=1, le=52)
     offset: str = "0h"
 

@@ -9,6 +9,8 @@ import pandas as pd
 # calibration. The training cohort is sampled with the same rule, so the users it keeps are the ones training keeps.
 VALIDATION_FRACTION = 0.2
 SPLIT_SEED = 0
+# The spec's default `max_training_users`: training sample cap (docs/predictions.md has the learning curve behind it).
+MAX_TRAINING_USERS = 250_000
 
 
 def user_fraction(user_ids, seed: int) -> np.ndarray:

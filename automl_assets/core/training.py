@@ -22,7 +22,7 @@ from sklearn.preprocessing import FunctionTransformer, StandardScaler
 from sklearn.utils.class_weight import compute_class_weight
 
 from automl_assets.core.metrics import summarise
-from automl_assets.core.splits import split_users, user_fraction
+from automl_assets.core.splits import MAX_TRAINING_USERS, SPLIT_SEED, VALIDATION_FRACTION, split_users, user_fraction
 from automl_assets.core.tfrecord import import_tensorflow, tfrecord_dataset
 
 log = logging.getLogger(__name__)
@@ -228,9 +228,9 @@ def train_candidates(
     feature_columns,
     *,
     models=MODELS,
-    validation_fraction: float = 0.2,
-    max_training_users: int = 250_000,
-    seed: int = 0,
+    validation_fraction: float = VALIDATION_FRACTION,
+    max_training_users: int = MAX_TRAINING_USERS,
+    seed: int = SPLIT_SEED,
     tfrecord_path=None,
 ) -> TrainingOutcome:
     """Fit each of ``models`` on the training users and choose the one with the lowest validation log-loss.
