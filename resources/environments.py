@@ -25,8 +25,8 @@ def engine_resource(name: str | None = None) -> EngineResource:
 
 def resources_for_env(name: str | None = None, engine: str | None = None) -> dict:
     """`local` (the default): a local store folder, the SQL engine (DuckDB embedded, or Spark local / a cluster by
-    AUTOML_ENGINE, AUTOML_SPARK_MASTER, AUTOML_SPARK_REMOTE) and SageMaker's entry script run locally. Nothing
-    connects until a resource is used."""
+    AUTOML_ENGINE, AUTOML_SPARK_MASTER, AUTOML_SPARK_REMOTE) and SageMaker's entry script run locally (hourly runs through a warm local endpoint when
+    AUTOML_HOURLY_ENDPOINT=1). Nothing connects until a resource is used."""
     name = name or os.environ.get("AUTOML_ENV", "local")
     if name != "local":
         raise ValueError(
@@ -36,6 +36,9 @@ def resources_for_env(name: str | None = None, engine: str | None = None) -> dic
     return {
         "storage": LocalStorage(),
         "engine": engine_resource(engine),
-        "sagemaker": LocalSageMaker(work_root=os.environ.get("AUTOML_SAGEMAKER_ROOT", "")),
+        "sagemaker": LocalSageMaker(
+            work_root=os.environ.get("AUTOML_SAGEMAKER_ROOT", ""),
+            hourly_endpoint=os.environ.get("AUTOML_HOURLY_ENDPOINT", "0") == "1",
+        ),
         "spec_folder": SpecFolder(path=os.environ.get("AUTOML_SPECS_DIR") or "predictions"),
     }

@@ -1,24 +1,69 @@
-"""SageMaker: training jobs and batch transforms of the project's entry script.
+"""SageMaker: training jobs, batch transforms and endpoints of the project's entry script.
 
 Local mode (the default) runs `automl_assets.core.sagemaker_entry` in a subprocess inside an `/opt/ml`-style tree
 under a temporary root, with SageMaker's environment (SM_MODEL_DIR, SM_CHANNEL_<NAME>, SM_OUTPUT_DATA_DIR, SM_HPS and
-input/config/hyperparameters.json), so the same script can be submitted to SageMaker unchanged."""
+input/config/hyperparameters.json), so the same script can be submitted to SageMaker unchanged. A local endpoint is
+the script's `serve` mode in a process of its own on 127.0.0.1: like a SageMaker endpoint it outlives the run that
+deployed it, until it is deleted or stays idle for `endpoint_idle_minutes`."""
 
+import io
 import json
 import os
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 import tempfile
+import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import dagster as dg
+import pandas as pd
 from pydantic import Field
 
 ENTRY_MODULE = "automl_assets.core.sagemaker_entry"
+PARQUET = "application/x-parquet"
+DEPLOY_TIMEOUT_SECONDS = 120  # loading an ensemble imports scikit-learn and TensorFlow: seconds, not minutes
+INVOKE_TIMEOUT_SECONDS = 300
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    name: str
+    url: str  # http://127.0.0.1:<port>
+    pid: int
+    model_dir: str
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _exited(pid: int) -> bool:
+    try:
+        return os.waitpid(pid, os.WNOHANG)[0] == pid  # reaped: this process had deployed it
+    except ChildProcessError:  # another process's child
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        return False
+
+
+def _answers_ping(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/ping", timeout=2) as response:
+            return response.status == 200
+    except OSError:
+        return False
 
 
 @dataclass(frozen=True)
@@ -32,6 +77,14 @@ class LocalSageMaker(dg.ConfigurableResource):
 
     work_root: str = Field(default="", description="Where job trees are made; empty means the system temp folder.")
     keep_job_dirs: bool = Field(default=False, description="Keep each job's /opt/ml tree for debugging.")
+    hourly_endpoint: bool = Field(
+        default=False,
+        description="Score hourly (active-user) runs through a warm endpoint of the prediction's model instead of a "
+        "batch transform that loads it every hour; daily runs stay batch transforms.",
+    )
+    endpoint_idle_minutes: float = Field(
+        default=90.0, description="A local endpoint stops itself after this long without an invocation (0: never)."
+    )
 
     @contextmanager
     def _job_tree(self, job_name: str) -> Iterator[Path]:
@@ -109,3 +162,93 @@ class LocalSageMaker(dg.ConfigurableResource):
             }
             self._run(root, "transform", env, log)
             yield output
+
+    def _endpoints_dir(self) -> Path:
+        root = Path(self.work_root).resolve() if self.work_root else Path(tempfile.gettempdir(), f"automl-sagemaker-{os.getuid()}")
+        return root / "endpoints"
+
+    def describe_endpoint(self, name: str) -> Endpoint | None:
+        """The endpoint of that name if it is up (answers /ping), else None."""
+        state = self._endpoints_dir() / f"{name}.json"
+        if not state.exists():
+            return None
+        endpoint = Endpoint(**json.loads(state.read_text()))
+        return endpoint if _answers_ping(endpoint.url) else None
+
+    def deploy(self, name: str, model_dir: Path, log: Callable[[str], None]) -> Endpoint:
+        """The endpoint `name` serving `model_dir`: the running one when it already serves that model, otherwise a new
+        process (replacing one that serves another model), ready when this returns."""
+        model_dir = str(Path(model_dir).resolve())
+        running = self.describe_endpoint(name)
+        if running and running.model_dir == model_dir:
+            return running
+        self.delete_endpoint(name)
+        folder = self._endpoints_dir() / name
+        (folder / "output").mkdir(parents=True, exist_ok=True)
+        (folder / "output" / "failure").unlink(missing_ok=True)
+        port = _free_port()
+        env = {
+            "SM_MODEL_DIR": model_dir,
+            "SM_OUTPUT_DIR": str(folder / "output"),
+            "SAGEMAKER_BIND_TO_PORT": str(port),
+            "AUTOML_SERVE_HOST": "127.0.0.1",
+            "AUTOML_SERVE_IDLE_SECONDS": str(self.endpoint_idle_minutes * 60),
+        }
+        log_file = folder / "endpoint.log"
+        # A session of its own: the endpoint outlives the run (and the run's process group) that deploys it.
+        pid = os.posix_spawn(
+            sys.executable,
+            [sys.executable, "-m", ENTRY_MODULE, "serve"],
+            {**os.environ, **env},
+            file_actions=[
+                (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+                (os.POSIX_SPAWN_OPEN, 1, str(log_file), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644),
+                (os.POSIX_SPAWN_DUP2, 1, 2),
+            ],
+            setsid=True,
+        )
+        endpoint = Endpoint(name=name, url=f"http://127.0.0.1:{port}", pid=pid, model_dir=model_dir)
+        deadline = time.monotonic() + DEPLOY_TIMEOUT_SECONDS
+        while not _answers_ping(endpoint.url):
+            exited = _exited(pid)
+            if exited or time.monotonic() > deadline:
+                if not exited:
+                    os.kill(pid, signal.SIGKILL)
+                failure = folder / "output" / "failure"
+                reason = failure.read_text().strip() if failure.exists() else f"see {log_file}"
+                raise dg.Failure(f"endpoint {name} did not come up serving {model_dir}: {reason}")
+            time.sleep(0.1)
+        (self._endpoints_dir() / f"{name}.json").write_text(json.dumps(asdict(endpoint)))
+        log(f"endpoint {name} serves {model_dir} at {endpoint.url} (pid {endpoint.pid})")
+        return endpoint
+
+    def invoke(self, endpoint: Endpoint, rows: pd.DataFrame) -> pd.DataFrame:
+        """user_id and raw_score for `rows` (user_id and the model's feature columns), sent and answered as parquet."""
+        request = urllib.request.Request(
+            f"{endpoint.url}/invocations",
+            data=rows.to_parquet(index=False),
+            headers={"Content-Type": PARQUET, "Accept": PARQUET},
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=INVOKE_TIMEOUT_SECONDS) as response:
+                return pd.read_parquet(io.BytesIO(response.read()))
+        except urllib.error.HTTPError as error:
+            raise dg.Failure(f"endpoint {endpoint.name} refused the request ({error.code}): {error.read().decode()}") from error
+
+    def delete_endpoint(self, name: str) -> bool:
+        """Stops the endpoint; False when none was up."""
+        state = self._endpoints_dir() / f"{name}.json"
+        endpoint = self.describe_endpoint(name)
+        state.unlink(missing_ok=True)
+        if endpoint is None:
+            return False
+        os.kill(endpoint.pid, signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        while not _exited(endpoint.pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return True
+
+    def list_endpoints(self) -> list[Endpoint]:
+        folder = self._endpoints_dir()
+        names = sorted(path.stem for path in folder.glob("*.json")) if folder.exists() else []
+        return [endpoint for endpoint in map(self.describe_endpoint, names) if endpoint]

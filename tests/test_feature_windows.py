@@ -78,6 +78,8 @@ def test_cohort_and_the_hourly_scoring_set(boundary_store, engine):
     assert by_user == {"at_c": 0, "before_a": 1}  # active within [A - 24h, A); before_c's last event is at C - 1us
     train = engine.to_pandas(cohort_query(epoch_hour(C), active_hours=24, lookback_weeks=2, where={"plan": "free"}))
     assert sorted(train["user_id"]) == ["before_c"]
+    hourly = engine.to_pandas(cohort_query(epoch_hour(A), 24, 2, {}, only_active_last_hour=True))
+    assert hourly.set_index("user_id")["active_last_hour"].to_dict() == {"before_a": 1}
 
 
 def test_both_engines_build_identical_rollups_and_features(tmp_path, spark_session):
@@ -118,6 +120,14 @@ def test_both_engines_build_identical_rollups_and_features(tmp_path, spark_sessi
             engine.to_pandas(label_query("purchase", {"category": "electronics"}, sum_revenue=False)),
             engine.to_pandas(cohort_query(epoch_hour(end), 24 * 14, 2, {"plan": "pro"})),
         )
+        for where in ({}, {"plan": "free"}):  # the hourly cohort read from the last hour only is the same set
+            hourly = engine.to_pandas(cohort_query(epoch_hour(end), 24 * 14, 2, where, only_active_last_hour=True))
+            cohort = engine.to_pandas(cohort_query(epoch_hour(end), 24 * 14, 2, where))
+            assert 0 < len(hourly) < len(cohort)
+            pd.testing.assert_frame_equal(
+                hourly.sort_values("user_id").reset_index(drop=True),
+                cohort[cohort["active_last_hour"] == 1].sort_values("user_id").reset_index(drop=True),
+            )
         # A cold start: hours not rolled up yet are computed from their events by the same rollup definitions.
         for hour in hours[::3]:
             for kind in layout.ROLLUP_KINDS:

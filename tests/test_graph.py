@@ -14,9 +14,11 @@ from automl_assets.core.synthetic import SyntheticConfig, generate_events, write
 from automl_assets.core.timewin import HOUR, WEEK, hour_key
 from automl_assets.definitions import ASSET_MODULES
 from automl_assets.partitions import prediction_hour_key
-from automl_assets.predictions import register_prediction
+from automl_assets.predictions import SCOPE_TAG, register_prediction
 from automl_assets.runs import RANGE_END_TAG, RANGE_START_TAG
+from automl_assets.scores import endpoint_name
 from resources.environments import ENGINES, resources_for_env
+from resources.sagemaker import LocalSageMaker
 from resources.storage import LocalStorage
 from tests.conftest import utc
 
@@ -164,3 +166,35 @@ def test_a_model_trained_on_another_taxonomy_scores_the_features_it_was_trained_
     rebuilt = read(storage, "scores", "matrix")
     assert len(rebuilt) == len(read(storage, "feature_matrix", "infer", "matrix.parquet"))
     pd.testing.assert_frame_equal(read(storage, "scores", "scores.parquet"), before)
+
+
+def test_hourly_scores_through_a_warm_endpoint_equal_the_batch_transform(graph, tmp_path):
+    instance, root, storage, engine = graph
+    scores_asset = [a for a in PREDICTION_ASSETS if a.key.path[0] == "scores"]
+
+    def score_hour(scope: str, **sagemaker_options) -> tuple[str, pd.DataFrame]:
+        result = dg.materialize(
+            scores_asset,
+            instance=instance,
+            resources={**resources(root, engine), "sagemaker": LocalSageMaker(work_root=str(tmp_path), **sagemaker_options)},
+            partition_key=prediction_hour_key(SPEC.name, HOUR_H),
+            tags={SCOPE_TAG: scope},
+        )
+        assert result.success
+        return result.asset_materializations_for_node("scores")[0].metadata["scored_by"].value, read(storage, "scores", "scores.parquet")
+
+    name = endpoint_name(SPEC.name)
+    sagemaker = LocalSageMaker(work_root=str(tmp_path))
+    try:
+        scored_by, batch = score_hour("active")
+        assert scored_by == "batch transform"
+        scored_by, warm = score_hour("active", hourly_endpoint=True)
+        endpoint = sagemaker.describe_endpoint(name)
+        assert scored_by == f"endpoint {name}" and endpoint is not None
+        assert score_hour("active", hourly_endpoint=True)[1].equals(warm)
+        assert sagemaker.describe_endpoint(name) == endpoint  # the second hour used the warm process
+        assert score_hour("cohort", hourly_endpoint=True)[0] == "batch transform"  # daily runs stay batch transforms
+    finally:
+        assert sagemaker.delete_endpoint(name)
+    assert 0 < len(warm) < len(read(storage, "cohort", "infer"))
+    pd.testing.assert_frame_equal(warm, batch, rtol=1e-5)  # float32 networks on other batch shapes

@@ -4,7 +4,11 @@ import json
 import os
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
+
+import dagster as dg
 
 import numpy as np
 import pandas as pd
@@ -14,6 +18,7 @@ from scipy.special import expit
 from automl_assets.core import sagemaker_entry
 from automl_assets.core.splits import split_users, user_fraction
 from automl_assets.core.tfrecord import import_tensorflow, tfrecord_dataset, write_tfrecord
+from resources.sagemaker import LocalSageMaker
 from automl_assets.core.training import (
     ENSEMBLE,
     META_FILE,
@@ -377,6 +382,58 @@ def test_serving_hooks_score_like_load_model(trained_job):
     pd.testing.assert_frame_equal(as_parquet, prediction)
     with pytest.raises(ValueError, match="unsupported content type"):
         sagemaker_entry.input_fn("a,b", "text/csv")
+
+
+def test_endpoint_serves_the_model_until_it_is_deleted(trained_job, tmp_path):
+    root, matrix, _, _ = trained_job
+    sagemaker = LocalSageMaker(work_root=str(tmp_path))
+    rows = matrix.drop(columns="label").head(50)
+    endpoint = sagemaker.deploy("test-endpoint", root / "model", print)
+    try:
+        assert sagemaker.deploy("test-endpoint", root / "model", print) == endpoint  # already serves that model
+        assert sagemaker.list_endpoints() == [endpoint]
+        answer = sagemaker.invoke(endpoint, rows)
+        assert answer["user_id"].tolist() == rows["user_id"].tolist()
+        np.testing.assert_allclose(answer["raw_score"], load_model(root / "model").predict(rows), rtol=1e-6)
+        # SageMaker's clients send JSON and get JSON back unless they ask otherwise.
+        body = rows.head(2).to_json(orient="records").encode()
+        request = urllib.request.Request(f"{endpoint.url}/invocations", data=body, headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request) as response:
+            assert [row["user_id"] for row in json.loads(response.read())] == rows["user_id"].head(2).tolist()
+        with pytest.raises(dg.Failure, match=r"refused the request \(400\): KeyError"):
+            sagemaker.invoke(endpoint, rows[["user_id"]])  # no feature columns
+    finally:
+        assert sagemaker.delete_endpoint("test-endpoint")
+    assert sagemaker.describe_endpoint("test-endpoint") is None
+    assert not sagemaker.delete_endpoint("test-endpoint")
+
+
+def test_an_idle_endpoint_stops_itself_and_a_broken_one_says_why(trained_job, tmp_path):
+    root, _, _, _ = trained_job
+    sagemaker = LocalSageMaker(work_root=str(tmp_path), endpoint_idle_minutes=0.05)
+    sagemaker.deploy("idle", root / "model", print)
+    deadline = time.monotonic() + 60
+    while sagemaker.describe_endpoint("idle") and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert sagemaker.describe_endpoint("idle") is None
+    assert "no invocation for 3 s: stopping" in (tmp_path / "endpoints" / "idle" / "endpoint.log").read_text()
+    with pytest.raises(dg.Failure, match="did not come up serving .*missing: FileNotFoundError"):
+        sagemaker.deploy("broken", tmp_path / "missing", print)
+
+
+def test_cli_lists_and_stops_endpoints(trained_job, tmp_path, monkeypatch, capsys):
+    from automl_assets.cli import main
+
+    monkeypatch.setenv("AUTOML_SAGEMAKER_ROOT", str(tmp_path))
+    assert main(["endpoints"]) == 0
+    assert "no endpoint is running" in capsys.readouterr().out
+    endpoint = LocalSageMaker(work_root=str(tmp_path)).deploy("automl-buy-7d", trained_job[0] / "model", print)
+    capsys.readouterr()
+    assert main(["endpoints"]) == 0
+    assert f"automl-buy-7d  {endpoint.url}  pid {endpoint.pid}" in capsys.readouterr().out
+    assert main(["endpoints", "--stop", "all"]) == 0
+    assert capsys.readouterr().out == "automl-buy-7d: stopped\n"
+    assert LocalSageMaker(work_root=str(tmp_path)).describe_endpoint("automl-buy-7d") is None
 
 
 def test_single_class_matrix_fails_the_job_with_a_readable_reason(tmp_path):

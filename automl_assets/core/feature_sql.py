@@ -216,12 +216,17 @@ def user_property_values_sql(as_of_hour: int, weeks: int, keys_sql: str | None =
     )
 
 
-def cohort_query(as_of_hour: int, active_hours: int, lookback_weeks: int, where: dict[str, str]) -> str:
+def cohort_query(
+    as_of_hour: int, active_hours: int, lookback_weeks: int, where: dict[str, str], only_active_last_hour: bool = False
+) -> str:
     """Users with an event in [cutoff - active_within, cutoff) whose last user-property values match `where`;
-    `active_last_hour` marks those seen in the hour just before the cutoff (the hourly scoring set)."""
+    `active_last_hour` marks those seen in the hour just before the cutoff (the hourly scoring set). With
+    `only_active_last_hour`, that set alone: a user seen in the last hour is active within any window of an hour or
+    more, so only that hour is read."""
+    first_hour = as_of_hour - (1 if only_active_last_hour else active_hours)
     active = (
         f"SELECT user_id, MAX(CASE WHEN hour_idx = {as_of_hour - 1} THEN 1 ELSE 0 END) AS active_last_hour "
-        f"FROM counts WHERE hour_idx >= {as_of_hour - active_hours} AND hour_idx < {as_of_hour} GROUP BY user_id"
+        f"FROM counts WHERE hour_idx >= {first_hour} AND hour_idx < {as_of_hour} GROUP BY user_id"
     )
     if not where:
         return active

@@ -1,9 +1,10 @@
-"""SageMaker entry script: ``train`` fits the candidates and saves the winner; ``transform`` scores parquet files.
+"""SageMaker entry script: ``train`` fits the candidates and saves the winner; ``transform`` scores parquet files;
+``serve`` answers SageMaker's endpoint requests with the model loaded once.
 
 Runs standalone, in a SageMaker container or locally in a subprocess with the same conventions:
 
-    python -m automl_assets.core.sagemaker_entry train|transform
-    python automl_assets/core/sagemaker_entry.py train|transform
+    python -m automl_assets.core.sagemaker_entry train|transform|serve
+    python automl_assets/core/sagemaker_entry.py train|transform|serve
 
 Paths come from SageMaker's environment variables and default to its /opt/ml layout:
 SM_MODEL_DIR (/opt/ml/model), SM_CHANNEL_TRAIN (/opt/ml/input/data/train), SM_CHANNEL_INPUT (/opt/ml/input/data/input),
@@ -19,6 +20,11 @@ file order, which also avoids SageMaker's 2,500-character limit on one hyperpara
 transform: every ``*.parquet`` file under SM_CHANNEL_INPUT (user_id + feature columns), read in batches, is scored into
 SM_OUTPUT_DATA_DIR/``scores.parquet`` (user_id, raw_score).
 
+serve: SageMaker's hosting contract. ``GET /ping`` answers 200 once the model in SM_MODEL_DIR is loaded; ``POST
+/invocations`` takes JSON or parquet (Content-Type) and answers user_id and raw_score in the Accept type (JSON by
+default), through the serving hooks below. It listens on SAGEMAKER_BIND_TO_PORT (8080) of AUTOML_SERVE_HOST (0.0.0.0,
+as in a container) and, when AUTOML_SERVE_IDLE_SECONDS is set, exits after that long without an invocation.
+
 On failure either mode writes the reason to the failure file and exits with status 1, as SageMaker expects.
 The serving hooks ``model_fn``, ``input_fn``, ``predict_fn`` and ``output_fn`` at the bottom serve the same model
 from SageMaker's framework containers (endpoints and batch transform).
@@ -29,7 +35,10 @@ import json
 import logging
 import os
 import sys
+import threading
+import time
 import traceback
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 if __package__ in (None, ""):
@@ -57,6 +66,7 @@ TRANSFORM_BATCH_ROWS = 100_000
 SCORES_SCHEMA = pa.schema([("user_id", pa.string()), ("raw_score", pa.float64())])
 JSON = "application/json"
 PARQUET = "application/x-parquet"
+SERVE_PORT = 8080  # where SageMaker sends a container's /ping and /invocations unless SAGEMAKER_BIND_TO_PORT says
 
 
 def _sm_path(variable: str, default: str) -> Path:
@@ -137,6 +147,73 @@ def transform() -> None:
     log.info("scored %d rows from %d files", rows, len(files))
 
 
+class _EndpointHandler(BaseHTTPRequestHandler):
+    """/ping and /invocations for the model the server holds; a request SageMaker would refuse gets its 4xx."""
+
+    server: "_EndpointServer"
+
+    def do_GET(self) -> None:
+        if self.path == "/ping":
+            self._reply(200, b"", "text/plain")
+        else:
+            self._reply(404, f"no route {self.path}: use GET /ping or POST /invocations".encode(), "text/plain")
+
+    def do_POST(self) -> None:
+        if self.path != "/invocations":
+            self._reply(404, f"no route {self.path}: use GET /ping or POST /invocations".encode(), "text/plain")
+            return
+        self.server.last_request = time.monotonic()
+        body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        accept = self.headers.get("Accept") or JSON
+        try:
+            data = input_fn(body, self.headers.get("Content-Type") or JSON)
+            with self.server.predict_lock:  # one prediction at a time: the models' thread pools already use every core
+                prediction = predict_fn(data, self.server.model)
+            answer = output_fn(prediction, accept)
+        except (ValueError, KeyError) as error:  # an unsupported type or missing feature columns: the caller's to fix
+            self._reply(400, f"{type(error).__name__}: {error}".encode(), "text/plain")
+            return
+        self._reply(200, answer.encode() if isinstance(answer, str) else answer, JSON if accept == "*/*" else accept)
+
+    def _reply(self, status: int, body: bytes, content_type: str) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format, *args) -> None:  # noqa: A002 (the base class's name)
+        log.debug(format, *args)
+
+
+class _EndpointServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, address, model):
+        super().__init__(address, _EndpointHandler)
+        self.model = model
+        self.predict_lock = threading.Lock()
+        self.last_request = time.monotonic()
+
+
+def serve() -> None:
+    model = model_fn(_sm_path("SM_MODEL_DIR", "model"))
+    address = (os.environ.get("AUTOML_SERVE_HOST", "0.0.0.0"), int(os.environ.get("SAGEMAKER_BIND_TO_PORT", SERVE_PORT)))
+    idle_seconds = float(os.environ.get("AUTOML_SERVE_IDLE_SECONDS", 0))
+    with _EndpointServer(address, model) as server:
+        if idle_seconds > 0:
+
+            def stop_when_idle() -> None:
+                while time.monotonic() - server.last_request < idle_seconds:
+                    time.sleep(min(idle_seconds, 10.0))
+                log.info("no invocation for %.0f s: stopping", idle_seconds)
+                server.shutdown()
+
+            threading.Thread(target=stop_when_idle, daemon=True).start()
+        log.info("serving %s on %s:%d", type(model).__name__, *address)
+        server.serve_forever()
+
+
 def model_fn(model_dir):
     return load_model(model_dir)
 
@@ -164,7 +241,7 @@ def output_fn(prediction: pd.DataFrame, accept: str):
     raise ValueError(f"unsupported accept type {accept!r}: ask for {JSON} or {PARQUET}")
 
 
-MODES = {"train": train, "transform": transform}
+MODES = {"train": train, "transform": transform, "serve": serve}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,35 @@
+"""The latest-score table: each user's most recent score, whatever order the hours are (re-)run in."""
+
+import pandas as pd
+
+from automl_assets.core import layout
+from automl_assets.scores import merge_latest
+
+
+def scores_at(hour: int, users: list[str], score: float) -> pd.DataFrame:
+    return pd.DataFrame(
+        {
+            "user_id": users,
+            "prediction": "p",
+            "score": score,
+            "percentile": 50.0,
+            "model_version": "p@v",
+            "scored_at": pd.Timestamp("2026-03-01", tz="UTC") + pd.Timedelta(hours=hour),
+        }
+    )
+
+
+def latest(storage) -> dict[str, tuple[int, float]]:
+    table = storage.read_table(*layout.latest_scores("p")).to_pandas()
+    assert table["user_id"].is_unique
+    return {row.user_id: (row.scored_at.hour, row.score) for row in table.itertuples()}
+
+
+def test_latest_scores_keep_each_users_most_recent_score(storage):
+    assert merge_latest(storage, "p", scores_at(0, ["c", "a", "b"], 0.1)) == 3  # the daily run: everyone
+    assert merge_latest(storage, "p", scores_at(5, ["b", "d"], 0.2)) == 4  # an hour later: active users, one new
+    assert latest(storage) == {"a": (0, 0.1), "b": (5, 0.2), "c": (0, 0.1), "d": (5, 0.2)}
+    merge_latest(storage, "p", scores_at(3, ["a", "b"], 0.3))  # a backfill of an older hour
+    assert latest(storage) == {"a": (3, 0.3), "b": (5, 0.2), "c": (0, 0.1), "d": (5, 0.2)}
+    merge_latest(storage, "p", scores_at(5, ["d"], 0.4))  # a re-run of the same hour replaces its own rows
+    assert latest(storage) == {"a": (3, 0.3), "b": (5, 0.2), "c": (0, 0.1), "d": (5, 0.4)}
