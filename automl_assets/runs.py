@@ -1,8 +1,10 @@
 """Launching the project's jobs through Dagster, as the UI would: one run per hour range or per partition."""
 
 from datetime import datetime
+from pathlib import Path
 
 import dagster as dg
+import dotenv
 
 from automl_assets.core.timewin import HOUR, hour_key
 from automl_assets.partitions import prediction_hour_key
@@ -14,6 +16,15 @@ QUIET = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
 # Dagster's tags for a run that covers a partition range (what a single-run backfill launches).
 RANGE_START_TAG = "dagster/asset_partition_range_start"
 RANGE_END_TAG = "dagster/asset_partition_range_end"
+
+
+PROJECT_ENV = Path(__file__).resolve().parents[1] / ".env"
+
+
+def load_project_env() -> None:
+    """The project's Dagster settings (.env beside pyproject.toml), which Dagster's own commands read from the
+    working directory, for runs launched from Python; variables already set are kept."""
+    dotenv.load_dotenv(PROJECT_ENV, override=False)
 
 
 def _job(name: str) -> dg.JobDefinition:
@@ -31,6 +42,7 @@ def raise_on_failure(result: dg.ExecuteInProcessResult, what: str) -> dg.Execute
 
 def run_event_store(instance: dg.DagsterInstance, start: datetime, end: datetime) -> dg.ExecuteInProcessResult:
     """Ingest and roll up every hour in [start, end) in one run."""
+    load_project_env()
     tags = {RANGE_START_TAG: hour_key(start), RANGE_END_TAG: hour_key(end - HOUR)}
     result = _job("event_store_job").execute_in_process(
         run_config=QUIET, instance=instance, tags=tags, raise_on_error=False

@@ -127,11 +127,12 @@ def main(argv=None) -> int:
         from automl_assets.definitions import ASSET_MODULES
         from automl_assets.partitions import prediction_hour_key
         from automl_assets.predictions import SCOPE_TAG, register_prediction
-        from automl_assets.runs import QUIET, RANGE_END_TAG, RANGE_START_TAG
+        from automl_assets.runs import QUIET, RANGE_END_TAG, RANGE_START_TAG, load_project_env
         from resources.environments import resources_for_env
         from resources.sagemaker import LocalSageMaker
         from resources.storage import LocalStorage
 
+        load_project_env()  # the project's Dagster settings (.env), as `automl backfill` and `dg dev` run with them
         assets = dg.load_assets_from_modules(ASSET_MODULES)
         event_store_assets = [a for a in assets if a.key.path[0] in ("events", "hourly_rollups")]
         prediction_assets = [a for a in assets if a not in event_store_assets]

@@ -13,9 +13,12 @@ timed). Every candidate the project trains is timed (the transform cost depends 
 the one the project chose. Timed per candidate: the whole transform (subprocess start, imports, model load, read,
 predict, write). For the chosen model, an in-process breakdown (read + to_pandas vs predict) is printed as well.
 
-There is no SageMaker endpoint in the project (LocalSageMaker has training and batch transform only; the entry
-script's model_fn/input_fn/predict_fn/output_fn hooks would serve one), so real-time scoring is not measured; the
-serving hooks are timed in-process on a 1-row JSON request for reference.
+Endpoint latency: the chosen model is deployed as a local endpoint (LocalSageMaker.deploy: the entry script's
+`serve` mode, SageMaker's /ping and /invocations contract, on 127.0.0.1; deploying is not timed) and invoked over
+HTTP, the way an hourly run with AUTOML_HOURLY_ENDPOINT=1 scores its active users: ENDPOINT_REQUESTS requests of
+1 row as JSON (a single user's real-time score) and of 1,000 and 10,000 rows as parquet (LocalSageMaker.invoke),
+reporting the median and 95th percentile round trip. The serving hooks alone, in-process, are timed on a 1-row JSON
+request for reference.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import dataclasses
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -35,6 +39,8 @@ N_EVENTS = 44  # 44 events x (8 weeks + hours since) + 4 totals = 400 feature co
 WEEKS = 8
 TRAIN_USERS = 50_000
 CHUNK = 100_000
+ENDPOINT_REQUESTS = 50
+ENDPOINT_BATCHES = (1_000, 10_000)  # rows per parquet request (an hour's active users are thousands)
 
 
 def feature_columns() -> list[str]:
@@ -165,6 +171,30 @@ def main(argv=None) -> int:
             sagemaker_entry.output_fn(sagemaker_entry.predict_fn(sagemaker_entry.input_fn(request, "application/json"), model), "application/json")
         serving_ms = (time.perf_counter() - start) / 20 * 1000
 
+        with t.step("endpoint_deploy", f"LocalSageMaker.deploy of the chosen model ({chosen}) (not a scoring time)"):
+            endpoint = sagemaker.deploy("automl-bench-p4", model_dirs[chosen], c.log)
+        latency = {}
+        try:
+            frames = {rows: pd.read_parquet(path).head(rows) for rows in ENDPOINT_BATCHES}
+
+            def one_json_row() -> None:
+                call = urllib.request.Request(f"{endpoint.url}/invocations", data=request.encode(), headers={"Content-Type": "application/json"})
+                with urllib.request.urlopen(call) as response:
+                    response.read()
+
+            calls = {"1 row, JSON": one_json_row}
+            calls.update({f"{rows:,} rows, parquet": (lambda rows=rows: sagemaker.invoke(endpoint, frames[rows])) for rows in ENDPOINT_BATCHES})
+            for label, call in calls.items():
+                call()  # the first request warms the model's code paths
+                times = []
+                for _ in range(ENDPOINT_REQUESTS):
+                    start = time.perf_counter()
+                    call()
+                    times.append((time.perf_counter() - start) * 1000)
+                latency[label] = (float(np.median(times)), float(np.percentile(times, 95)))
+        finally:
+            sagemaker.delete_endpoint("automl-bench-p4")
+
     print()
     print(f"P4 results ({args.rows:,} users x {len(columns)} features; machine load average at the end {c.machine().load}; "
           f"{c.code_state()})")
@@ -173,8 +203,10 @@ def main(argv=None) -> int:
     print(f"  in-process breakdown for the chosen model ({chosen}):")
     for name, seconds in breakdown.items():
         print(f"    {name:<40} {seconds:8.1f} s")
-    print(f"  serving hooks in-process, 1-row JSON request: {serving_ms:.1f} ms (no endpoint exists in the project: "
-          "real-time scoring not measured)")
+    print(f"  serving hooks in-process, 1-row JSON request: {serving_ms:.1f} ms")
+    for label, (median, p95) in latency.items():
+        print(f"P4 endpoint latency ({chosen}, {label}, {ENDPOINT_REQUESTS} requests over HTTP on 127.0.0.1): "
+              f"median {median:.1f} ms, p95 {p95:.1f} ms")
     for name, seconds in transform_seconds.items():
         r = seconds / GOAL_SECONDS
         print(f"P4 ratio {name} transform/10 s: {r:.2f}x ({seconds:.1f} s)  goal <= 10 s {'MET' if r <= 1 else 'NOT MET'}")

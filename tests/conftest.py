@@ -8,10 +8,13 @@ import pytest
 from automl_assets.core.engines import DuckDBEngine, SparkEngine
 
 from automl_assets.core.schema import EVENT_SCHEMA
+from automl_assets.runs import load_project_env
 from resources.environments import ENGINES
 from resources.engine import SparkEngineResource
 from resources.spark import spark_config
 from resources.storage import LocalStorage
+
+load_project_env()  # the suite runs with the project's Dagster settings, as `dg dev` and `automl` do
 
 
 @pytest.fixture(scope="session")

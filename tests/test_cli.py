@@ -84,3 +84,6 @@ def test_backfill_is_one_event_store_run_and_idempotent(env):
     with dg.DagsterInstance.get() as instance:
         runs = instance.get_run_records(dg.RunsFilter(job_name="event_store_job"))
         assert len(runs) == 2  # one run per backfill, whatever the number of hours
+        planned = instance.all_logs(runs[0].dagster_run.run_id, of_type=dg.DagsterEventType.ASSET_MATERIALIZATION_PLANNED)
+        assert len(planned) == 2  # one per asset for the whole range (.env), not one per hour
+        assert len(instance.get_materialized_partitions(dg.AssetKey("hourly_rollups"))) == len(hours)
