@@ -10,8 +10,8 @@ engine P1 timed (the new hour is removed from the store before each engine's ref
   <engine>_start     the engine as the project builds it (Spark starts once per Dagster run, so an hourly run pays it)
   <engine>_ingest    event_store.write_events of the new hour
   <engine>_rollups   build_rollups for that one hour
-  <engine>_features  the hourly cohort (feature_sql.cohort_query(..., only_active_last_hour=True), as the cohort asset
-                     builds it for an hourly run: active within 28 days and in the hour)
+  <engine>_features  the hourly cohort (feature_sql.cohort_query(..., only_active_last_hour=True), written to parquet as
+                     the cohort asset of an hourly run writes it: active within 28 days and in the hour)
                      and feature_query(..., users=<that cohort>) as of END + 1h over 8 weeks of rollup views, to parquet
   <engine>_scoring   the project's hourly scoring path for those users (scores.raw_scores) with AUTOML_HOURLY_ENDPOINT=1:
                      the features sent to the prediction's warm endpoint (the entry script's `serve` mode, deployed
@@ -148,7 +148,9 @@ def main(argv=None) -> int:
             out = ("bench", f"features_active_{name}")
             with t.step(f"{name}_features", f"hourly cohort and its feature query ({len(query.columns)} columns) over 8 weeks of rollups, to parquet"):
                 engine.register_rollups(storage, lookback)
-                engine.register_query("hourly_cohort", hourly_cohort)
+                # As the cohort asset writes it and the feature step reads it back.
+                engine.write(hourly_cohort, storage, ("bench", f"cohort_active_{name}"))
+                engine.register_parquet("hourly_cohort", storage.path("bench", f"cohort_active_{name}"))
                 active_users[name] = engine.write(query.sql, storage, out)
             c.log(f"features of {active_users[name]:,} active users")
             matrix_dir = storage.path(*out)

@@ -198,6 +198,8 @@ class _EndpointServer(ThreadingHTTPServer):
 
 def serve() -> None:
     model = model_fn(_sm_path("SM_MODEL_DIR", "model"))
+    # One prediction before /ping answers: the models' first call initialises lazily (thread pools, Keras' graph).
+    predict_fn(pd.DataFrame({"user_id": ["warm-up"], **{column: [0.0] for column in model.feature_columns}}), model)
     address = (os.environ.get("AUTOML_SERVE_HOST", "0.0.0.0"), int(os.environ.get("SAGEMAKER_BIND_TO_PORT", SERVE_PORT)))
     idle_seconds = float(os.environ.get("AUTOML_SERVE_IDLE_SECONDS", 0))
     with _EndpointServer(address, model) as server:
