@@ -50,12 +50,13 @@ def _free_port() -> int:
 def _exited(pid: int) -> bool:
     try:
         return os.waitpid(pid, os.WNOHANG)[0] == pid  # reaped: this process had deployed it
-    except ChildProcessError:  # another process's child
+    except ChildProcessError:  # another process's child: gone, or a zombie its parent has not reaped yet
         try:
             os.kill(pid, 0)
         except ProcessLookupError:
             return True
-        return False
+        stat = Path(f"/proc/{pid}/stat")
+        return stat.exists() and stat.read_text().rsplit(")", 1)[-1].split()[0] == "Z"
 
 
 def _answers_ping(url: str) -> bool:
@@ -214,6 +215,7 @@ class LocalSageMaker(dg.ConfigurableResource):
             if exited or time.monotonic() > deadline:
                 if not exited:
                     os.kill(pid, signal.SIGKILL)
+                    os.waitpid(pid, 0)
                 failure = folder / "output" / "failure"
                 reason = failure.read_text().strip() if failure.exists() else f"see {log_file}"
                 raise dg.Failure(f"endpoint {name} did not come up serving {model_dir}: {reason}")
