@@ -1,6 +1,7 @@
 """The store: a local folder by default. Everything is written atomically (temp file, then rename), so a reader
 never sees half a file and a failed run leaves the previous version in place."""
 
+import functools
 import json
 import os
 import shutil
@@ -18,6 +19,13 @@ from pydantic import Field
 DEFAULT_ROOT = ".automl_store"
 
 
+@functools.lru_cache(maxsize=64)
+def _resolved(root: str, cwd: str) -> Path:
+    """The absolute store folder for a configured root as seen from `cwd`: resolving walks every path component, and
+    a run asks for thousands of store paths (one per hour file)."""
+    return Path(cwd, Path(root).expanduser()).resolve()
+
+
 class LocalStorage(dg.ConfigurableResource):
     """The store in a local directory (`root`, relative paths are taken from the working directory)."""
 
@@ -29,7 +37,7 @@ class LocalStorage(dg.ConfigurableResource):
 
     @property
     def base(self) -> Path:
-        return Path(self.root or os.environ.get("AUTOML_STORAGE_ROOT") or DEFAULT_ROOT).expanduser().resolve()
+        return _resolved(self.root or os.environ.get("AUTOML_STORAGE_ROOT") or DEFAULT_ROOT, os.getcwd())
 
     def path(self, *parts: str) -> str:
         """Absolute path of a stored object, in the form Spark, pyarrow and pandas all accept."""

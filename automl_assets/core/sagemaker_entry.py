@@ -156,11 +156,11 @@ class _EndpointHandler(BaseHTTPRequestHandler):
         if self.path == "/ping":
             self._reply(200, b"", "text/plain")
         else:
-            self._reply(404, f"no route {self.path}: use GET /ping or POST /invocations".encode(), "text/plain")
+            self._no_route()
 
     def do_POST(self) -> None:
         if self.path != "/invocations":
-            self._reply(404, f"no route {self.path}: use GET /ping or POST /invocations".encode(), "text/plain")
+            self._no_route()
             return
         self.server.last_request = time.monotonic()
         body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
@@ -174,6 +174,9 @@ class _EndpointHandler(BaseHTTPRequestHandler):
             self._reply(400, f"{type(error).__name__}: {error}".encode(), "text/plain")
             return
         self._reply(200, answer.encode() if isinstance(answer, str) else answer, JSON if accept == "*/*" else accept)
+
+    def _no_route(self) -> None:
+        self._reply(404, f"no route {self.path}: use GET /ping or POST /invocations".encode(), "text/plain")
 
     def _reply(self, status: int, body: bytes, content_type: str) -> None:
         self.send_response(status)

@@ -1,7 +1,6 @@
 """Spark plumbing for the Spark engine (automl_assets/core/engines.py): schemas of the lake, reading hour ranges into
 DataFrames, the rollup SQL in Spark's dialect, and writing results atomically into the store."""
 
-import os
 from datetime import datetime
 
 import pyarrow as pa
@@ -88,8 +87,7 @@ def prepare(spark: SparkSession) -> SparkSession:
 
 def existing_hour_paths(storage, root: tuple[str, ...], hours: list[datetime], leaf: tuple[str, ...]) -> list[str]:
     present = set(storage.list_dir(*root))
-    folder = storage.path(*root)  # resolved once: an hourly run lists thousands of files
-    return [os.path.join(folder, name, *leaf) for name in (f"hour={hour_token(h)}" for h in hours) if name in present]
+    return [storage.path(*root, name, *leaf) for name in (f"hour={hour_token(h)}" for h in hours) if name in present]
 
 
 def read_events(spark: SparkSession, storage, hours: list[datetime]) -> DataFrame:
