@@ -6,12 +6,13 @@ input/config/hyperparameters.json), so the same script can be submitted to SageM
 the script's `serve` mode in a process of its own on 127.0.0.1: like a SageMaker endpoint it outlives the run that
 deployed it, until it is deleted or stays idle for `endpoint_idle_minutes`."""
 
+import fcntl
+import hashlib
 import io
 import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -38,25 +39,32 @@ class Endpoint:
     name: str
     url: str  # http://127.0.0.1:<port>
     pid: int
+    started: str  # the process's start time: a recycled pid is not taken for the endpoint
     model_dir: str
+    model_version: str  # of the model's files: a model retrained into the same folder is a new one
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+def _process_start(pid: int) -> str | None:
+    """The start time of a running process (None once it has exited or is a zombie); where there is no /proc, only
+    whether it runs."""
+    if not Path("/proc/self/stat").exists():
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return None
+        return "running"
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()
+    except FileNotFoundError:
+        return None
+    return None if fields[0] == "Z" else fields[19]  # proc(5): state is field 3, starttime field 22
 
 
 def _exited(pid: int) -> bool:
     try:
         return os.waitpid(pid, os.WNOHANG)[0] == pid  # reaped: this process had deployed it
-    except ChildProcessError:  # another process's child: gone, or a zombie its parent has not reaped yet
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return True
-        stat = Path(f"/proc/{pid}/stat")
-        return stat.exists() and stat.read_text().rsplit(")", 1)[-1].split()[0] == "Z"
+    except ChildProcessError:  # another process's child
+        return _process_start(pid) is None
 
 
 def _answers_ping(url: str) -> bool:
@@ -65,6 +73,18 @@ def _answers_ping(url: str) -> bool:
             return response.status == 200
     except OSError:
         return False
+
+
+def _model_version(model_dir: Path) -> str:
+    files = sorted(path for path in model_dir.rglob("*") if path.is_file())
+    listing = "".join(f"{path.relative_to(model_dir)}:{path.stat().st_size}:{path.stat().st_mtime_ns};" for path in files)
+    return hashlib.sha1(listing.encode()).hexdigest()[:16]
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    temporary = path.with_name(f".{path.name}.{os.getpid()}")
+    temporary.write_text(text)
+    os.replace(temporary, path)
 
 
 @dataclass(frozen=True)
@@ -168,34 +188,61 @@ class LocalSageMaker(dg.ConfigurableResource):
         root = Path(self.work_root).resolve() if self.work_root else Path(tempfile.gettempdir(), f"automl-sagemaker-{os.getuid()}")
         return root / "endpoints"
 
-    def describe_endpoint(self, name: str) -> Endpoint | None:
-        """The endpoint of that name if it is up (answers /ping), else None."""
+    def _state(self, name: str) -> Endpoint | None:
+        """The endpoint `name` as last deployed, if its process still runs."""
         state = self._endpoints_dir() / f"{name}.json"
-        if not state.exists():
+        try:
+            endpoint = Endpoint(**json.loads(state.read_text()))
+        except FileNotFoundError:
             return None
-        endpoint = Endpoint(**json.loads(state.read_text()))
-        return endpoint if _answers_ping(endpoint.url) else None
+        except TypeError:  # written by an older version of this resource, without the process's identity
+            state.unlink(missing_ok=True)
+            return None
+        return endpoint if _process_start(endpoint.pid) == endpoint.started else None
+
+    @contextmanager
+    def _locked(self, name: str) -> Iterator[None]:
+        """One deploy or delete of an endpoint name at a time, across processes: parallel hourly runs share it."""
+        folder = self._endpoints_dir()
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(folder / f"{name}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            yield
+
+    def describe_endpoint(self, name: str) -> Endpoint | None:
+        """The endpoint of that name if it is up (its process runs and answers /ping), else None."""
+        endpoint = self._state(name)
+        return endpoint if endpoint and _answers_ping(endpoint.url) else None
 
     def deploy(self, name: str, model_dir: Path, log: Callable[[str], None]) -> Endpoint:
-        """The endpoint `name` serving `model_dir`: the running one when it already serves that model, otherwise a new
-        process (replacing one that serves another model), ready when this returns."""
-        model_dir = str(Path(model_dir).resolve())
-        running = self.describe_endpoint(name)
-        if running and running.model_dir == model_dir:
-            return running
-        self.delete_endpoint(name)
+        """The endpoint `name` serving `model_dir`: the running one when it already serves that model as it is on disk,
+        otherwise a new process (replacing the old one), ready when this returns."""
+        model_dir = Path(model_dir).resolve()
+        version = _model_version(model_dir)
+        with self._locked(name):
+            running = self.describe_endpoint(name)
+            if running and (running.model_dir, running.model_version) == (str(model_dir), version):
+                return running
+            self._stop(name)
+            endpoint = self._start(name, model_dir, version)
+        log(f"endpoint {name} serves {model_dir} at {endpoint.url} (pid {endpoint.pid})")
+        return endpoint
+
+    def _start(self, name: str, model_dir: Path, version: str) -> Endpoint:
         folder = self._endpoints_dir() / name
         (folder / "output").mkdir(parents=True, exist_ok=True)
-        (folder / "output" / "failure").unlink(missing_ok=True)
-        port = _free_port()
+        port_file, failure, log_file = folder / "port", folder / "output" / "failure", folder / "endpoint.log"
+        port_file.unlink(missing_ok=True)
+        failure.unlink(missing_ok=True)
         env = {
-            "SM_MODEL_DIR": model_dir,
+            "SM_MODEL_DIR": str(model_dir),
             "SM_OUTPUT_DIR": str(folder / "output"),
-            "SAGEMAKER_BIND_TO_PORT": str(port),
+            # The server binds a port the system picks and reports it: no window for another process to take it.
+            "SAGEMAKER_BIND_TO_PORT": "0",
+            "AUTOML_SERVE_PORT_FILE": str(port_file),
             "AUTOML_SERVE_HOST": "127.0.0.1",
             "AUTOML_SERVE_IDLE_SECONDS": str(self.endpoint_idle_minutes * 60),
         }
-        log_file = folder / "endpoint.log"
         # A session of its own: the endpoint outlives the run (and the run's process group) that deploys it.
         pid = os.posix_spawn(
             sys.executable,
@@ -208,20 +255,18 @@ class LocalSageMaker(dg.ConfigurableResource):
             ],
             setsid=True,
         )
-        endpoint = Endpoint(name=name, url=f"http://127.0.0.1:{port}", pid=pid, model_dir=model_dir)
         deadline = time.monotonic() + DEPLOY_TIMEOUT_SECONDS
-        while not _answers_ping(endpoint.url):
+        while not (port_file.exists() and _answers_ping(url := f"http://127.0.0.1:{port_file.read_text()}")):
             exited = _exited(pid)
             if exited or time.monotonic() > deadline:
                 if not exited:
                     os.kill(pid, signal.SIGKILL)
                     os.waitpid(pid, 0)
-                failure = folder / "output" / "failure"
                 reason = failure.read_text().strip() if failure.exists() else f"see {log_file}"
                 raise dg.Failure(f"endpoint {name} did not come up serving {model_dir}: {reason}")
             time.sleep(0.1)
-        (self._endpoints_dir() / f"{name}.json").write_text(json.dumps(asdict(endpoint)))
-        log(f"endpoint {name} serves {model_dir} at {endpoint.url} (pid {endpoint.pid})")
+        endpoint = Endpoint(name, url, pid, _process_start(pid), str(model_dir), version)
+        _write_atomically(self._endpoints_dir() / f"{name}.json", json.dumps(asdict(endpoint)))
         return endpoint
 
     def invoke(self, endpoint: Endpoint, rows: pd.DataFrame) -> pd.DataFrame:
@@ -236,17 +281,30 @@ class LocalSageMaker(dg.ConfigurableResource):
                 return pd.read_parquet(io.BytesIO(response.read()))
         except urllib.error.HTTPError as error:
             raise dg.Failure(f"endpoint {endpoint.name} refused the request ({error.code}): {error.read().decode()}") from error
+        except OSError as error:  # refused, reset or timed out: the process died or hangs
+            log_file = self._endpoints_dir() / endpoint.name / "endpoint.log"
+            raise dg.Failure(
+                f"endpoint {endpoint.name} at {endpoint.url} did not answer ({error}); its log is {log_file}. "
+                "Re-run: the next run deploys it again."
+            ) from error
 
     def delete_endpoint(self, name: str) -> bool:
-        """Stops the endpoint; False when none was up."""
-        state = self._endpoints_dir() / f"{name}.json"
-        endpoint = self.describe_endpoint(name)
-        state.unlink(missing_ok=True)
+        """Stops the endpoint, also one that no longer answers; False when none was running."""
+        with self._locked(name):
+            return self._stop(name)
+
+    def _stop(self, name: str) -> bool:
+        endpoint = self._state(name)
+        (self._endpoints_dir() / f"{name}.json").unlink(missing_ok=True)
         if endpoint is None:
             return False
         os.kill(endpoint.pid, signal.SIGTERM)
+        os.kill(endpoint.pid, signal.SIGCONT)  # a stopped process takes SIGTERM only once continued
         deadline = time.monotonic() + 10
-        while not _exited(endpoint.pid) and time.monotonic() < deadline:
+        while not _exited(endpoint.pid):
+            if time.monotonic() > deadline:  # SIGTERM ends the server at once; this is for a process stuck in the kernel
+                os.kill(endpoint.pid, signal.SIGKILL)
+                deadline = float("inf")
             time.sleep(0.05)
         return True
 

@@ -1,10 +1,16 @@
+import concurrent.futures
+import contextlib
 import dataclasses
 import io
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -18,7 +24,7 @@ from scipy.special import expit
 from automl_assets.core import sagemaker_entry
 from automl_assets.core.splits import split_users, user_fraction
 from automl_assets.core.tfrecord import import_tensorflow, tfrecord_dataset, write_tfrecord
-from resources.sagemaker import LocalSageMaker
+from resources.sagemaker import Endpoint, LocalSageMaker
 from automl_assets.core.training import (
     ENSEMBLE,
     META_FILE,
@@ -388,8 +394,8 @@ def test_endpoint_serves_the_model_until_it_is_deleted(trained_job, tmp_path):
     root, matrix, _, _ = trained_job
     sagemaker = LocalSageMaker(work_root=str(tmp_path))
     rows = matrix.drop(columns="label").head(50)
-    endpoint = sagemaker.deploy("test-endpoint", root / "model", print)
     try:
+        endpoint = sagemaker.deploy("test-endpoint", root / "model", print)
         assert sagemaker.deploy("test-endpoint", root / "model", print) == endpoint  # already serves that model
         assert sagemaker.list_endpoints() == [endpoint]
         answer = sagemaker.invoke(endpoint, rows)
@@ -402,21 +408,93 @@ def test_endpoint_serves_the_model_until_it_is_deleted(trained_job, tmp_path):
             assert [row["user_id"] for row in json.loads(response.read())] == rows["user_id"].head(2).tolist()
         with pytest.raises(dg.Failure, match=r"refused the request \(400\): KeyError"):
             sagemaker.invoke(endpoint, rows[["user_id"]])  # no feature columns
+        stopped = sagemaker.delete_endpoint("test-endpoint")
     finally:
-        assert sagemaker.delete_endpoint("test-endpoint")
-    assert sagemaker.describe_endpoint("test-endpoint") is None
+        sagemaker.delete_endpoint("test-endpoint")
+    assert stopped and sagemaker.describe_endpoint("test-endpoint") is None
     assert not sagemaker.delete_endpoint("test-endpoint")
+    with pytest.raises(dg.Failure, match="test-endpoint at .* did not answer"):
+        sagemaker.invoke(endpoint, rows)
+
+
+def test_endpoint_is_replaced_by_a_retrained_model_and_deployed_once_by_parallel_runs(trained_job, tmp_path):
+    model_dir = tmp_path / "model"
+    shutil.copytree(trained_job[0] / "model", model_dir)
+    sagemaker = LocalSageMaker(work_root=str(tmp_path))
+    try:
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:  # two hourly runs at once
+            first, second = pool.map(lambda _: sagemaker.deploy("shared", model_dir, print), range(2))
+        assert first == second
+        meta = model_dir / META_FILE
+        meta.write_text(meta.read_text())  # retrained into the same folder
+        replacement = sagemaker.deploy("shared", model_dir, print)
+        assert replacement.pid != first.pid and replacement.model_version != first.model_version
+        assert sagemaker.list_endpoints() == [replacement]
+        with pytest.raises(ProcessLookupError):
+            os.kill(first.pid, 0)
+    finally:
+        sagemaker.delete_endpoint("shared")
+
+
+def test_endpoint_that_hangs_is_still_stopped_and_a_recycled_pid_is_left_alone(trained_job, tmp_path):
+    sagemaker = LocalSageMaker(work_root=str(tmp_path))
+    spawned = []
+    try:
+        hung = sagemaker.deploy("hung", trained_job[0] / "model", print)
+        spawned.append(hung.pid)
+        os.kill(hung.pid, signal.SIGSTOP)
+        assert sagemaker.describe_endpoint("hung") is None  # does not answer /ping
+        assert sagemaker.delete_endpoint("hung")
+        with pytest.raises(ProcessLookupError):
+            os.kill(hung.pid, 0)
+        recycled = sagemaker.deploy("recycled", trained_job[0] / "model", print)
+        spawned.append(recycled.pid)
+        state = tmp_path / "endpoints" / "recycled.json"
+        state.write_text(json.dumps({**json.loads(state.read_text()), "started": "1"}))  # its pid is another process's
+        assert sagemaker.describe_endpoint("recycled") is None
+        assert not sagemaker.delete_endpoint("recycled")
+        os.kill(recycled.pid, 0)  # not signalled
+    finally:
+        for pid in spawned:
+            with contextlib.suppress(ProcessLookupError, ChildProcessError):
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+
+
+def test_endpoint_answers_500_when_the_model_fails(tmp_path):
+    class FailingModel:
+        feature_columns = ["f"]
+
+        def predict(self, rows):
+            raise RuntimeError("out of memory")
+
+    server = sagemaker_entry._EndpointServer(("127.0.0.1", 0), FailingModel())
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = "http://127.0.0.1:%d" % server.server_address[1]
+        endpoint = Endpoint("failing", url, os.getpid(), "", str(tmp_path), "")
+        with pytest.raises(dg.Failure, match=r"refused the request \(500\): RuntimeError: out of memory"):
+            LocalSageMaker(work_root=str(tmp_path)).invoke(endpoint, pd.DataFrame({"user_id": ["u"], "f": [1.0]}))
+        request = urllib.request.Request(f"{url}/invocations", data=b"[]", headers={"Content-Length": "many"})
+        with pytest.raises(urllib.error.HTTPError, match="400"):
+            urllib.request.urlopen(request)
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def test_an_idle_endpoint_stops_itself_and_a_broken_one_says_why(trained_job, tmp_path):
     root, _, _, _ = trained_job
     sagemaker = LocalSageMaker(work_root=str(tmp_path), endpoint_idle_minutes=0.05)
-    sagemaker.deploy("idle", root / "model", print)
-    deadline = time.monotonic() + 60
-    while sagemaker.describe_endpoint("idle") and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert sagemaker.describe_endpoint("idle") is None
-    assert "no invocation for 3 s: stopping" in (tmp_path / "endpoints" / "idle" / "endpoint.log").read_text()
+    try:
+        sagemaker.deploy("idle", root / "model", print)
+        deadline = time.monotonic() + 60
+        while sagemaker.describe_endpoint("idle") and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert sagemaker.describe_endpoint("idle") is None
+        assert "no invocation for 3 s: stopping" in (tmp_path / "endpoints" / "idle" / "endpoint.log").read_text()
+    finally:
+        sagemaker.delete_endpoint("idle")
     with pytest.raises(dg.Failure, match="did not come up serving .*missing: FileNotFoundError"):
         sagemaker.deploy("broken", tmp_path / "missing", print)
 
@@ -425,15 +503,19 @@ def test_cli_lists_and_stops_endpoints(trained_job, tmp_path, monkeypatch, capsy
     from automl_assets.cli import main
 
     monkeypatch.setenv("AUTOML_SAGEMAKER_ROOT", str(tmp_path))
-    assert main(["endpoints"]) == 0
-    assert "no endpoint is running" in capsys.readouterr().out
-    endpoint = LocalSageMaker(work_root=str(tmp_path)).deploy("automl-buy-7d", trained_job[0] / "model", print)
-    capsys.readouterr()
-    assert main(["endpoints"]) == 0
-    assert f"automl-buy-7d  {endpoint.url}  pid {endpoint.pid}" in capsys.readouterr().out
-    assert main(["endpoints", "--stop", "all"]) == 0
-    assert capsys.readouterr().out == "automl-buy-7d: stopped\n"
-    assert LocalSageMaker(work_root=str(tmp_path)).describe_endpoint("automl-buy-7d") is None
+    sagemaker = LocalSageMaker(work_root=str(tmp_path))
+    try:
+        assert main(["endpoints"]) == 0
+        assert "no endpoint is running" in capsys.readouterr().out
+        endpoint = sagemaker.deploy("automl-buy-7d", trained_job[0] / "model", print)
+        capsys.readouterr()
+        assert main(["endpoints"]) == 0
+        assert f"automl-buy-7d  {endpoint.url}  pid {endpoint.pid}" in capsys.readouterr().out
+        assert main(["endpoints", "--stop", "all"]) == 0
+        assert capsys.readouterr().out == "automl-buy-7d: stopped\n"
+        assert sagemaker.describe_endpoint("automl-buy-7d") is None
+    finally:
+        sagemaker.delete_endpoint("automl-buy-7d")
 
 
 def test_single_class_matrix_fails_the_job_with_a_readable_reason(tmp_path):

@@ -23,7 +23,8 @@ SM_OUTPUT_DATA_DIR/``scores.parquet`` (user_id, raw_score).
 serve: SageMaker's hosting contract. ``GET /ping`` answers 200 once the model in SM_MODEL_DIR is loaded; ``POST
 /invocations`` takes JSON or parquet (Content-Type) and answers user_id and raw_score in the Accept type (JSON by
 default), through the serving hooks below. It listens on SAGEMAKER_BIND_TO_PORT (8080) of AUTOML_SERVE_HOST (0.0.0.0,
-as in a container) and, when AUTOML_SERVE_IDLE_SECONDS is set, exits after that long without an invocation.
+as in a container; port 0 takes a free one and writes its number to AUTOML_SERVE_PORT_FILE) and, when
+AUTOML_SERVE_IDLE_SECONDS is set, exits after that long without an invocation.
 
 On failure either mode writes the reason to the failure file and exits with status 1, as SageMaker expects.
 The serving hooks ``model_fn``, ``input_fn``, ``predict_fn`` and ``output_fn`` at the bottom serve the same model
@@ -163,15 +164,19 @@ class _EndpointHandler(BaseHTTPRequestHandler):
             self._no_route()
             return
         self.server.last_request = time.monotonic()
-        body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
         accept = self.headers.get("Accept") or JSON
         try:
+            body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
             data = input_fn(body, self.headers.get("Content-Type") or JSON)
             with self.server.predict_lock:  # one prediction at a time: the models' thread pools already use every core
                 prediction = predict_fn(data, self.server.model)
             answer = output_fn(prediction, accept)
-        except (ValueError, KeyError) as error:  # an unsupported type or missing feature columns: the caller's to fix
+        except (ValueError, KeyError) as error:  # a bad length or type, or missing feature columns: the caller's to fix
             self._reply(400, f"{type(error).__name__}: {error}".encode(), "text/plain")
+            return
+        except Exception as error:  # the server's fault: answer it rather than drop the connection
+            log.exception("invocation failed")
+            self._reply(500, f"{type(error).__name__}: {error}".encode(), "text/plain")
             return
         self._reply(200, answer.encode() if isinstance(answer, str) else answer, JSON if accept == "*/*" else accept)
 
@@ -206,6 +211,9 @@ def serve() -> None:
     address = (os.environ.get("AUTOML_SERVE_HOST", "0.0.0.0"), int(os.environ.get("SAGEMAKER_BIND_TO_PORT", SERVE_PORT)))
     idle_seconds = float(os.environ.get("AUTOML_SERVE_IDLE_SECONDS", 0))
     with _EndpointServer(address, model) as server:
+        if port_file := os.environ.get("AUTOML_SERVE_PORT_FILE"):  # port 0 binds a free port: say which
+            Path(f"{port_file}.tmp").write_text(str(server.server_address[1]))
+            os.replace(f"{port_file}.tmp", port_file)
         if idle_seconds > 0:
 
             def stop_when_idle() -> None:
@@ -215,7 +223,7 @@ def serve() -> None:
                 server.shutdown()
 
             threading.Thread(target=stop_when_idle, daemon=True).start()
-        log.info("serving %s on %s:%d", type(model).__name__, *address)
+        log.info("serving %s on %s:%d", type(model).__name__, *server.server_address[:2])
         server.serve_forever()
 
 
