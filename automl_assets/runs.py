@@ -22,9 +22,11 @@ PROJECT_ENV = Path(__file__).resolve().parents[1] / ".env"
 
 
 def load_project_env() -> None:
-    """The project's Dagster settings (.env beside pyproject.toml), which Dagster's own commands read from the
-    working directory, for runs launched from Python; variables already set are kept."""
-    dotenv.load_dotenv(PROJECT_ENV, override=False)
+    """The project's Dagster settings for runs launched from Python: `.env` in the working directory, where Dagster's
+    own commands read it, else the checkout's (beside pyproject.toml, for `automl` run from another folder). Variables
+    already set are kept; without either file Dagster's defaults apply (range runs then plan one event per hour)."""
+    for env_file in (Path.cwd() / ".env", PROJECT_ENV):
+        dotenv.load_dotenv(env_file, override=False)
 
 
 def _job(name: str) -> dg.JobDefinition:

@@ -1,5 +1,6 @@
 """The `automl` command as a user runs it."""
 
+import os
 from pathlib import Path
 
 import dagster as dg
@@ -58,6 +59,32 @@ def test_scores_prints_a_users_latest_scores(env, capsys):
     out = capsys.readouterr().out
     assert "u1" in out and "0.3" in out and "u2" not in out
     assert main(["scores", "nobody"]) == 1
+
+
+def test_project_env_is_read_from_the_working_directory_first(tmp_path, monkeypatch):
+    from automl_assets.runs import load_project_env
+
+    (tmp_path / ".env").write_text("AUTOML_TEST_FROM_ENV_FILE=cwd\nDAGSTER_EMIT_PARTITION_SUBSET_IN_PLANNED_EVENTS=false\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("AUTOML_TEST_FROM_ENV_FILE", raising=False)
+    monkeypatch.setenv("DAGSTER_EMIT_PARTITION_SUBSET_IN_PLANNED_EVENTS", "true")  # already set: kept
+    load_project_env()
+    assert os.environ["AUTOML_TEST_FROM_ENV_FILE"] == "cwd"
+    assert os.environ["DAGSTER_EMIT_PARTITION_SUBSET_IN_PLANNED_EVENTS"] == "true"
+    monkeypatch.delenv("AUTOML_TEST_FROM_ENV_FILE")
+
+
+def test_backfill_with_dagsters_default_planned_events(env, monkeypatch):
+    """Without the project's .env setting (an install that has no .env) a range run plans every hour, and works."""
+    monkeypatch.setenv("DAGSTER_EMIT_PARTITION_SUBSET_IN_PLANNED_EVENTS", "false")
+    start = utc(2026, 3, 1, 5)
+    write_events(env, events_table([{"user_id": "u1", "event_type": "view", "event_time": start.replace(minute=n)} for n in range(3)]))
+    assert main(["backfill", "2026-03-01-05:00", "2026-03-01-07:00"]) == 0
+    with dg.DagsterInstance.get() as instance:
+        (run,) = instance.get_run_records(dg.RunsFilter(job_name="event_store_job"))
+        planned = instance.all_logs(run.dagster_run.run_id, of_type=dg.DagsterEventType.ASSET_MATERIALIZATION_PLANNED)
+        assert len(planned) == 2 * 3  # per asset and hour
+        assert len(instance.get_materialized_partitions(dg.AssetKey("hourly_rollups"))) == 3
 
 
 def test_backfill_is_one_event_store_run_and_idempotent(env):

@@ -4,6 +4,7 @@ import gzip
 import json
 import random
 
+import pyarrow as pa
 import pytest
 
 from automl_assets.core import ingest
@@ -130,6 +131,42 @@ def test_plain_export_takes_the_vectorised_path(tmp_path, monkeypatch):
 
     assert fast is not None and fast.events.num_rows == 90 and fast.duplicates == 10
     _same(fast, _per_record(path, monkeypatch))
+
+
+EXPORT_TIMES = ["2026-03-01 05:06:07.123456", "2024-02-29 23:59:59.999999", "1970-01-01 00:00:00.000000"]
+ODD_EXPORT_TIMES = [
+    "2026-02-30 05:06:07.000000",  # the shape, but no such day
+    "2026-03-01 24:00:00.000000",
+    "2026-03-01 05:60:07.000000",
+    "2026-03-01 05:06:60.000000",
+    "0999-01-01 00:00:00.000000",
+    "9000-01-01 00:00:00.000000",
+    "2026-03-01T05:06:07.000000",
+    "2026-03-01 05:06:07.12345x",
+    "2026-03-01 05:06:07.1234567",
+]
+
+
+@pytest.mark.parametrize("odd", [None, *ODD_EXPORT_TIMES])
+def test_export_times_and_ids_read_without_regexes_match_the_per_record_reader(tmp_path, monkeypatch, odd):
+    """Amplitude's own time format and visibly plain ids skip the regexes; anything else in a file sends its times
+    (or that id) through them, with the same result."""
+    ids = ["u1", "José", " u2", "u3\u2003", "\x1cu", "x y", "é"]
+    records = [
+        {"event_type": "view", "user_id": ids[n % len(ids)], "event_time": EXPORT_TIMES[n % 3], "insert_id": f"i{n}"}
+        for n in range(30)
+    ]
+    if odd:
+        records[7]["event_time"] = odd
+    path = tmp_path / "export.json.gz"
+    path.write_bytes(gzip.compress("".join(json.dumps(r) + "\n" for r in records).encode()))
+
+    fast = ingest._read_amplitude_vectorised(path, sniff=True)
+
+    assert fast is not None
+    _same(fast, _per_record(path, monkeypatch))
+    takes_the_byte_path = odd in (None, ODD_EXPORT_TIMES[0])  # a day that does not exist is caught after it
+    assert (ingest._export_times(pa.array([r["event_time"] for r in records])) is not None) == takes_the_byte_path
 
 
 def test_layouts_it_does_not_read_go_record_by_record(tmp_path):

@@ -39,9 +39,11 @@ def slices_by_key(table: pa.Table, keys: np.ndarray) -> dict[int, pa.Table]:
     """Rows grouped by an integer key per row (one stable sort, then slices: linear in the table)."""
     if table.num_rows == 0:
         return {}
-    order = np.argsort(keys, kind="stable")
-    ordered = table.take(pa.array(order))
-    sorted_keys = keys[order]
+    if np.all(keys[1:] >= keys[:-1]):  # already in key order (canonical events are sorted by time): no copy
+        ordered, sorted_keys = table, keys
+    else:
+        order = np.argsort(keys, kind="stable")
+        ordered, sorted_keys = table.take(pa.array(order)), keys[order]
     cuts = np.flatnonzero(np.diff(sorted_keys)) + 1
     starts = np.concatenate([[0], cuts])
     ends = np.concatenate([cuts, [len(sorted_keys)]])

@@ -554,14 +554,53 @@ def _count_lines(data: bytes) -> int:
     return data.count(b"\n") + (0 if data.endswith(b"\n") else 1)  # every line starts with a visible byte
 
 
+def _string_bytes(strings: pa.StringArray) -> tuple[np.ndarray, np.ndarray]:
+    """A string array's offsets (one more than its length) and bytes, as numpy views."""
+    offsets = np.frombuffer(strings.buffers()[1], np.int32)[strings.offset : strings.offset + len(strings) + 1]
+    return offsets, np.frombuffer(strings.buffers()[2], np.uint8)
+
+
+def _visible_ends(strings: pa.StringArray) -> np.ndarray:
+    """Strings whose first and last bytes are visible ASCII (! to ~): _STRIPPED holds for them without a regex."""
+    offsets, data = _string_bytes(strings)
+    filled = (offsets[1:] > offsets[:-1]) & _mask(pc.is_valid(strings))
+    if not filled.any():
+        return filled
+    first, last = data[np.where(filled, offsets[:-1], 0)], data[np.where(filled, offsets[1:] - 1, 0)]
+    return filled & (first > 0x20) & (first < 0x7F) & (last > 0x20) & (last < 0x7F)
+
+
+# Amplitude's export format, checked byte by byte: what _ISO_TIME accepts among strings of this shape.
+_EXPORT_TIME = np.frombuffer(b"DDDD-DD-DD DD:DD:DD.DDDDDD", np.uint8)
+_EXPORT_DIGITS = _EXPORT_TIME == ord("D")
+
+
+def _export_times(strings: pa.StringArray) -> np.ndarray | None:
+    """The digit values of every string's `YYYY-MM-DD HH:MM:SS.ffffff` (rows x 26), or None when any string has
+    another shape or a field out of _ISO_TIME's ranges."""
+    offsets, data = _string_bytes(strings)
+    if strings.null_count or not np.all(np.diff(offsets) == len(_EXPORT_TIME)):
+        return None
+    chars = data[offsets[:-1, None] + np.arange(len(_EXPORT_TIME))].astype(np.int64)
+    digits = chars - ord("0")
+    shaped = np.all(np.where(_EXPORT_DIGITS, (digits >= 0) & (digits <= 9), chars == _EXPORT_TIME), axis=1)
+    year, hour = digits[:, 0], digits[:, 11] * 10 + digits[:, 12]
+    in_range = (year >= 1) & (year <= 8) & (hour <= 23) & (digits[:, 14] <= 5) & (digits[:, 17] <= 5)
+    return digits if np.all(shaped & in_range) else None
+
+
 def _iso_micros(strings: pa.StringArray) -> tuple[np.ndarray, np.ndarray]:
     """Microseconds of the leading `YYYY-MM-DD?HH:MM:SS` (ASCII digits, checked by _ISO_TIME) of each string, and
     whether that date exists (fromisoformat rejects 2026-02-30)."""
-    offsets = np.frombuffer(strings.buffers()[1], np.int32)[strings.offset : strings.offset + len(strings)]
-    chars = np.frombuffer(strings.buffers()[2], np.uint8)[offsets[:, None] + np.arange(19)].astype(np.int64) - ord("0")
+    offsets, data = _string_bytes(strings)
+    return _digits_micros(data[offsets[:-1, None] + np.arange(19)].astype(np.int64) - ord("0"))
+
+
+def _digits_micros(digits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """_iso_micros of the digit values of `YYYY-MM-DD?HH:MM:SS` (rows x at least 19 characters)."""
 
     def number(first: int, width: int) -> np.ndarray:
-        return sum(chars[:, first + i] * 10 ** (width - 1 - i) for i in range(width))
+        return sum(digits[:, first + i] * 10 ** (width - 1 - i) for i in range(width))
 
     year, month, day = number(0, 4), number(5, 2), number(8, 2)
     valid = (month >= 1) & (month <= 12) & (day >= 1)
@@ -569,7 +608,8 @@ def _iso_micros(strings: pa.StringArray) -> tuple[np.ndarray, np.ndarray]:
     first_day = start.astype("datetime64[D]")
     valid &= day <= ((start + 1).astype("datetime64[D]") - first_day).astype(np.int64)
     days = first_day.astype(np.int64) + day - 1
-    return ((days * 24 + number(11, 2)) * 60 + number(14, 2)) * 60_000_000 + number(17, 2) * 1_000_000, valid
+    us = ((days * 24 + number(11, 2)) * 60 + number(14, 2)) * 60_000_000 + number(17, 2) * 1_000_000
+    return (us + number(20, 6) if digits.shape[1] > 19 else us), valid
 
 
 def _mask(array: pa.Array) -> np.ndarray:
@@ -597,11 +637,18 @@ class _Plain:
 
     def text(self, strings: pa.Array, rows: np.ndarray) -> pa.Array:
         """_text of string values, required plain in `rows`."""
-        plain = _mask(pc.match_substring_regex(strings, _STRIPPED))
-        self.ok &= ~rows | plain
+        unsure = rows & ~_visible_ends(strings)
+        if unsure.any():
+            plain = _mask(pc.match_substring_regex(strings.filter(pa.array(unsure)), _STRIPPED))
+            self.ok[np.flatnonzero(unsure)[~plain]] = False
         return strings
 
     def micros(self, strings: pa.Array) -> np.ndarray:
+        export = _export_times(strings)
+        if export is not None:  # a file in Amplitude's own time format throughout: no regex needed
+            us, valid = _digits_micros(export)
+            self.ok &= valid
+            return us
         n = len(strings)
         out = np.zeros(n, np.int64)
         iso = _mask(pc.match_substring_regex(strings, _ISO_TIME))
