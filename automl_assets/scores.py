@@ -43,22 +43,24 @@ def percentiles(scores: np.ndarray, reference: list[float]) -> np.ndarray:
 
 def merge_latest(storage, prediction: str, new: pd.DataFrame) -> int:
     """Keep each user's most recent score; a re-run of the same hour replaces its own rows. Arrow kernels and no
-    sort (rows stay in the order they were scored): an hourly run rewrites a table of every user ever scored."""
+    sort (rows stay in the order they were scored): an hourly run rewrites a table of every user ever scored. Runs
+    of one prediction take turns, or two at once (a manual run during the hourly one) could drop one's update."""
     parts = layout.latest_scores(prediction)
     fresh = pa.Table.from_pandas(new.drop_duplicates("user_id", keep="last"), schema=SCORE_SCHEMA, preserve_index=False)
-    merged = fresh
-    if storage.exists(*parts):
-        stored = storage.read_table(*parts).cast(SCORE_SCHEMA)
-        rescored = pc.is_in(stored["user_id"], value_set=fresh["user_id"])
-        # A re-run of an older hour must not replace a user's later score.
-        overlap = stored.filter(rescored).select(["user_id", "scored_at"]).join(
-            fresh.select(["user_id", "scored_at"]), "user_id", right_suffix="_now"
-        )
-        keep_stored = overlap.filter(pc.greater(overlap["scored_at"], overlap["scored_at_now"]))["user_id"]
-        stored = stored.filter(pc.or_(pc.invert(rescored), pc.is_in(stored["user_id"], value_set=keep_stored)))
-        merged = pa.concat_tables([stored, fresh.filter(pc.invert(pc.is_in(fresh["user_id"], value_set=keep_stored)))])
-    storage.write_table(merged, *parts)
-    return merged.num_rows
+    with storage.exclusive(*parts):
+        merged = fresh
+        if storage.exists(*parts):
+            stored = storage.read_table(*parts).cast(SCORE_SCHEMA)
+            rescored = pc.is_in(stored["user_id"], value_set=fresh["user_id"])
+            # A re-run of an older hour must not replace a user's later score.
+            overlap = stored.filter(rescored).select(["user_id", "scored_at"]).join(
+                fresh.select(["user_id", "scored_at"]), "user_id", right_suffix="_now"
+            )
+            keep_stored = overlap.filter(pc.greater(overlap["scored_at"], overlap["scored_at_now"]))["user_id"]
+            stored = stored.filter(pc.or_(pc.invert(rescored), pc.is_in(stored["user_id"], value_set=keep_stored)))
+            merged = pa.concat_tables([stored, fresh.filter(pc.invert(pc.is_in(fresh["user_id"], value_set=keep_stored)))])
+        storage.write_table(merged, *parts)
+        return merged.num_rows
 
 
 def endpoint_name(prediction: str) -> str:

@@ -1,6 +1,7 @@
 """The store: a local folder by default. Everything is written atomically (temp file, then rename), so a reader
 never sees half a file and a failed run leaves the previous version in place."""
 
+import fcntl
 import functools
 import json
 import os
@@ -59,6 +60,16 @@ class LocalStorage(dg.ConfigurableResource):
             yield folder
         finally:
             shutil.rmtree(folder, ignore_errors=True)
+
+    @contextmanager
+    def exclusive(self, *parts: str) -> Iterator[None]:
+        """Holds a lock on a stored object against other threads and processes of this machine, for a
+        read-modify-write (an atomic write alone would let two writers each drop the other's update)."""
+        target = self.base.joinpath(*parts)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with open(target.with_name(f".{target.name}.lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            yield
 
     def _atomic_target(self, parts: tuple[str, ...]) -> tuple[Path, Path]:
         target = self.base.joinpath(*parts)

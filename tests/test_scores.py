@@ -1,5 +1,7 @@
 """The latest-score table: each user's most recent score, whatever order the hours are (re-)run in."""
 
+import concurrent.futures
+
 import pandas as pd
 
 from automl_assets.core import layout
@@ -33,3 +35,13 @@ def test_latest_scores_keep_each_users_most_recent_score(storage):
     assert latest(storage) == {"a": (3, 0.3), "b": (5, 0.2), "c": (0, 0.1), "d": (5, 0.2)}
     merge_latest(storage, "p", scores_at(5, ["d"], 0.4))  # a re-run of the same hour replaces its own rows
     assert latest(storage) == {"a": (3, 0.3), "b": (5, 0.2), "c": (0, 0.1), "d": (5, 0.4)}
+
+
+def test_runs_merging_at_the_same_time_keep_every_update(storage):
+    def hourly_run(run: int) -> None:
+        for hour in range(8):
+            merge_latest(storage, "p", scores_at(hour, [f"run{run}-user{hour}"], 0.5))
+
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        list(pool.map(hourly_run, range(4)))
+    assert len(latest(storage)) == 4 * 8
