@@ -23,8 +23,9 @@ PROJECT_ENV = Path(__file__).resolve().parents[1] / ".env"
 
 def load_project_env() -> None:
     """The project's Dagster settings for runs launched from Python: `.env` in the working directory, where Dagster's
-    own commands read it, else the checkout's (beside pyproject.toml, for `automl` run from another folder). Variables
-    already set are kept; without either file Dagster's defaults apply (range runs then plan one event per hour)."""
+    own commands read it, then the checkout's (beside pyproject.toml, for `automl` run from another folder) for what
+    the first leaves unset. Variables already set are kept; without either file Dagster's defaults apply (range runs
+    then plan one event per hour)."""
     for env_file in (Path.cwd() / ".env", PROJECT_ENV):
         dotenv.load_dotenv(env_file, override=False)
 

@@ -6,6 +6,7 @@ input/config/hyperparameters.json), so the same script can be submitted to SageM
 the script's `serve` mode in a process of its own on 127.0.0.1: like a SageMaker endpoint it outlives the run that
 deployed it, until it is deleted or stays idle for `endpoint_idle_minutes`."""
 
+import contextlib
 import fcntl
 import hashlib
 import io
@@ -195,10 +196,13 @@ class LocalSageMaker(dg.ConfigurableResource):
             endpoint = Endpoint(**json.loads(state.read_text()))
         except FileNotFoundError:
             return None
-        except TypeError:  # written by an older version of this resource, without the process's identity
+        except (TypeError, ValueError):  # unreadable, or written by an older version without the process's identity
             state.unlink(missing_ok=True)
             return None
-        return endpoint if _process_start(endpoint.pid) == endpoint.started else None
+        if _process_start(endpoint.pid) != endpoint.started:
+            return None
+        # Without /proc a live pid may be another process's: only one that answers is taken for the endpoint.
+        return endpoint if endpoint.started != "running" or _answers_ping(endpoint.url) else None
 
     @contextmanager
     def _locked(self, name: str) -> Iterator[None]:
@@ -265,7 +269,10 @@ class LocalSageMaker(dg.ConfigurableResource):
                 reason = failure.read_text().strip() if failure.exists() else f"see {log_file}"
                 raise dg.Failure(f"endpoint {name} did not come up serving {model_dir}: {reason}")
             time.sleep(0.1)
-        endpoint = Endpoint(name, url, pid, _process_start(pid), str(model_dir), version)
+        started = _process_start(pid)
+        if started is None:
+            raise dg.Failure(f"endpoint {name} exited right after answering /ping: see {log_file}")
+        endpoint = Endpoint(name, url, pid, started, str(model_dir), version)
         _write_atomically(self._endpoints_dir() / f"{name}.json", json.dumps(asdict(endpoint)))
         return endpoint
 
@@ -298,14 +305,15 @@ class LocalSageMaker(dg.ConfigurableResource):
         (self._endpoints_dir() / f"{name}.json").unlink(missing_ok=True)
         if endpoint is None:
             return False
-        os.kill(endpoint.pid, signal.SIGTERM)
-        os.kill(endpoint.pid, signal.SIGCONT)  # a stopped process takes SIGTERM only once continued
-        deadline = time.monotonic() + 10
-        while not _exited(endpoint.pid):
-            if time.monotonic() > deadline:  # SIGTERM ends the server at once; this is for a process stuck in the kernel
-                os.kill(endpoint.pid, signal.SIGKILL)
-                deadline = float("inf")
-            time.sleep(0.05)
+        with contextlib.suppress(ProcessLookupError):  # it may end on its own meanwhile (idle timeout)
+            os.kill(endpoint.pid, signal.SIGTERM)
+            os.kill(endpoint.pid, signal.SIGCONT)  # a stopped process takes SIGTERM only once continued
+            deadline = time.monotonic() + 10
+            while not _exited(endpoint.pid):
+                if time.monotonic() > deadline:  # SIGTERM ends the server at once; this is for one stuck in the kernel
+                    os.kill(endpoint.pid, signal.SIGKILL)
+                    deadline = float("inf")
+                time.sleep(0.05)
         return True
 
     def list_endpoints(self) -> list[Endpoint]:

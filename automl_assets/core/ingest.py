@@ -581,8 +581,8 @@ def _export_times(strings: pa.StringArray) -> np.ndarray | None:
     offsets, data = _string_bytes(strings)
     if strings.null_count or not np.all(np.diff(offsets) == len(_EXPORT_TIME)):
         return None
-    chars = data[offsets[:-1, None] + np.arange(len(_EXPORT_TIME))].astype(np.int64)
-    digits = chars - ord("0")
+    chars = data[offsets[:-1, None] + np.arange(len(_EXPORT_TIME), dtype=np.int32)]  # bytes: a few per row, not int64
+    digits = chars.astype(np.int16) - ord("0")
     shaped = np.all(np.where(_EXPORT_DIGITS, (digits >= 0) & (digits <= 9), chars == _EXPORT_TIME), axis=1)
     year, hour = digits[:, 0], digits[:, 11] * 10 + digits[:, 12]
     in_range = (year >= 1) & (year <= 8) & (hour <= 23) & (digits[:, 14] <= 5) & (digits[:, 17] <= 5)
@@ -600,7 +600,7 @@ def _digits_micros(digits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """_iso_micros of the digit values of `YYYY-MM-DD?HH:MM:SS` (rows x at least 19 characters)."""
 
     def number(first: int, width: int) -> np.ndarray:
-        return sum(digits[:, first + i] * 10 ** (width - 1 - i) for i in range(width))
+        return sum(digits[:, first + i].astype(np.int64) * 10 ** (width - 1 - i) for i in range(width))
 
     year, month, day = number(0, 4), number(5, 2), number(8, 2)
     valid = (month >= 1) & (month <= 12) & (day >= 1)
