@@ -7,7 +7,6 @@ the script's `serve` mode in a process of its own on 127.0.0.1: like a SageMaker
 deployed it, until it is deleted or stays idle for `endpoint_idle_minutes`."""
 
 import contextlib
-import fcntl
 import hashlib
 import io
 import json
@@ -28,6 +27,8 @@ from pathlib import Path
 import dagster as dg
 import pandas as pd
 from pydantic import Field
+
+from resources.storage import file_lock
 
 ENTRY_MODULE = "automl_assets.core.sagemaker_entry"
 PARQUET = "application/x-parquet"
@@ -207,10 +208,7 @@ class LocalSageMaker(dg.ConfigurableResource):
     @contextmanager
     def _locked(self, name: str) -> Iterator[None]:
         """One deploy or delete of an endpoint name at a time, across processes: parallel hourly runs share it."""
-        folder = self._endpoints_dir()
-        folder.mkdir(parents=True, exist_ok=True)
-        with open(folder / f"{name}.lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+        with file_lock(self._endpoints_dir() / f"{name}.lock"):
             yield
 
     def describe_endpoint(self, name: str) -> Endpoint | None:

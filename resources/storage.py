@@ -27,6 +27,16 @@ def _resolved(root: str, cwd: str) -> Path:
     return Path(cwd, Path(root).expanduser()).resolve()
 
 
+@contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """Holds an exclusive lock on the file `path` (created if missing) against other threads and processes of this
+    machine."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
 class LocalStorage(dg.ConfigurableResource):
     """The store in a local directory (`root`, relative paths are taken from the working directory)."""
 
@@ -66,9 +76,7 @@ class LocalStorage(dg.ConfigurableResource):
         """Holds a lock on a stored object against other threads and processes of this machine, for a
         read-modify-write (an atomic write alone would let two writers each drop the other's update)."""
         target = self.base.joinpath(*parts)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with open(target.with_name(f".{target.name}.lock"), "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+        with file_lock(target.with_name(f".{target.name}.lock")):
             yield
 
     def _atomic_target(self, parts: tuple[str, ...]) -> tuple[Path, Path]:
