@@ -18,6 +18,7 @@ import dagster as dg
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pytest
 from scipy.special import expit
 
@@ -28,8 +29,10 @@ from resources.sagemaker import Endpoint, LocalSageMaker
 from automl_assets.core.training import (
     ENSEMBLE,
     META_FILE,
+    feature_array,
     load_model,
     save_model,
+    signed_log1p,
     to_prior,
     train_candidates,
 )
@@ -120,6 +123,33 @@ def test_to_prior_undoes_balanced_class_weights():
     np.testing.assert_allclose(to_prior(balanced, 0.5), balanced)
     odds = lambda p: p / (1 - p)  # noqa: E731
     assert odds(to_prior(np.array([0.8]), 0.2))[0] == pytest.approx(odds(0.8) * odds(0.2))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.int64])
+def test_signed_log1p_in_numpy_is_its_formula_and_leaves_the_input_alone(dtype):
+    x = np.array([[-1e6, -3, -1, 0], [1, 2, 7, 1e6]]).astype(dtype)
+    if np.issubdtype(dtype, np.floating):
+        x[0, 0] = np.nan
+    before = x.copy()
+    np.testing.assert_array_equal(signed_log1p(x), np.sign(x) * np.log1p(np.abs(x)))
+    np.testing.assert_array_equal(signed_log1p(pd.DataFrame(x)), signed_log1p(x))  # the evaluation's RFM pipeline
+    assert signed_log1p(x).dtype == np.result_type(x, np.float32)
+    np.testing.assert_array_equal(x, before)
+
+
+def test_feature_array_reads_frames_tables_and_batches_alike():
+    frame = pd.DataFrame(
+        {"user_id": ["a", "b", "c"], "x": [1.5, None, -2.0], "n": pd.array([1, None, 3], dtype="Int64"), "k": [4, 5, 6]}
+    )
+    table = pa.Table.from_pandas(frame, preserve_index=False)
+    chunked = pa.concat_tables([table.slice(0, 1), table.slice(1)])  # columns of two chunks, one at an offset
+    expected = np.array([[4, 1.5, 1], [5, np.nan, np.nan], [6, -2, 3]], dtype=np.float32)
+    for data in (frame, table, chunked, table.to_batches()[0]):
+        X = feature_array(data, ["k", "x", "n"])
+        assert X.dtype == np.float32 and X.shape == (3, 3)
+        np.testing.assert_array_equal(X, expected)
+        with pytest.raises(KeyError):
+            feature_array(data, ["x", "missing"])
 
 
 # --- training with scikit-learn candidates ---------------------------------------------------------------------------
@@ -370,6 +400,28 @@ def test_transform_job_scores_match_load_model(trained_job, tmp_path):
     assert sorted(scores["user_id"]) == sorted(matrix["user_id"])
     expected = pd.Series(load_model(root / "model").predict(matrix), index=matrix["user_id"])
     np.testing.assert_allclose(scores["raw_score"], expected[scores["user_id"]].to_numpy(), rtol=1e-5)  # float32 nets
+
+
+def test_transform_reads_batches_ahead_across_files_in_their_order(trained_job, tmp_path, monkeypatch):
+    """In-process, with batches small enough that the reader runs ahead of the model and across files."""
+    root, matrix, columns, _ = trained_job
+    inputs = tmp_path / "input"
+    inputs.mkdir()
+    unlabelled = matrix.drop(columns="label")
+    unlabelled.iloc[:1100].to_parquet(inputs / "a.parquet", index=False)
+    unlabelled.iloc[1100:].to_parquet(inputs / "b.parquet", index=False)
+    monkeypatch.setattr(sagemaker_entry, "TRANSFORM_BATCH_ROWS", 128)  # 24 batches, READ_AHEAD at a time
+    monkeypatch.setenv("SM_MODEL_DIR", str(root / "model"))
+    monkeypatch.setenv("SM_CHANNEL_INPUT", str(inputs))
+    monkeypatch.setenv("SM_OUTPUT_DATA_DIR", str(tmp_path / "output"))
+    sagemaker_entry.transform()
+    scores = pd.read_parquet(tmp_path / "output/scores.parquet")
+    assert scores["user_id"].tolist() == matrix["user_id"].tolist()
+    np.testing.assert_allclose(scores["raw_score"], load_model(root / "model").predict(matrix), rtol=1e-6)
+
+    unlabelled.iloc[1100:].drop(columns=columns[3]).to_parquet(inputs / "b.parquet", index=False)
+    with pytest.raises(Exception, match=columns[3]):  # read in the reader's thread, raised in the job's
+        sagemaker_entry.transform()
 
 
 def test_serving_hooks_score_like_load_model(trained_job):

@@ -31,7 +31,9 @@ The serving hooks ``model_fn``, ``input_fn``, ``predict_fn`` and ``output_fn`` a
 from SageMaker's framework containers (endpoints and batch transform).
 """
 
+import gc
 import io
+import itertools
 import json
 import logging
 import os
@@ -39,6 +41,8 @@ import sys
 import threading
 import time
 import traceback
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -50,7 +54,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from automl_assets.core.training import NOT_FEATURES, load_model, save_model, train_candidates
+from automl_assets.core.training import NOT_FEATURES, feature_array, load_model, model_meta, save_model, train_candidates
 
 log = logging.getLogger("automl_assets.sagemaker_entry")
 
@@ -64,6 +68,8 @@ HYPERPARAMETERS = {
     "seed": int,
 }
 TRANSFORM_BATCH_ROWS = 100_000
+# Batches a transform reads ahead of the model: about 0.4 GB of float32 features at 400 columns.
+READ_AHEAD = 4
 SCORES_SCHEMA = pa.schema([("user_id", pa.string()), ("raw_score", pa.float64())])
 JSON = "application/json"
 PARQUET = "application/x-parquet"
@@ -128,8 +134,31 @@ def train() -> None:
     log.info("chosen model: %s", outcome.chosen)
 
 
+def _feature_batches(reader: ThreadPoolExecutor, files: list[Path], feature_columns: list[str]):
+    """(user ids, float32 feature matrix) per batch of ``files``, read by ``reader`` up to READ_AHEAD batches ahead
+    of the caller, starting now: Arrow straight into the matrix (a pandas frame of the batch costs more than scoring
+    it)."""
+    batches = itertools.chain.from_iterable(
+        pq.ParquetFile(path).iter_batches(batch_size=TRANSFORM_BATCH_ROWS, columns=["user_id", *feature_columns])
+        for path in files
+    )
+
+    def load():
+        batch = next(batches, None)
+        return None if batch is None else (batch.column("user_id"), feature_array(batch, feature_columns))
+
+    pending = deque(reader.submit(load) for _ in range(READ_AHEAD))
+
+    def loaded():
+        while (item := pending.popleft().result()) is not None:
+            pending.append(reader.submit(load))
+            yield item
+
+    return loaded()
+
+
 def transform() -> None:
-    model = model_fn(_sm_path("SM_MODEL_DIR", "model"))
+    model_dir = _sm_path("SM_MODEL_DIR", "model")
     source = _sm_path("SM_CHANNEL_INPUT", "input/data/input")
     # is_file: Spark writes datasets as directories named like files (matrix.parquet/part-0000.parquet).
     files = sorted(path for path in source.rglob("*.parquet") if path.is_file())
@@ -137,14 +166,14 @@ def transform() -> None:
         raise FileNotFoundError(f"no parquet files under {source}")
     output = _sm_path("SM_OUTPUT_DATA_DIR", "output/data")
     output.mkdir(parents=True, exist_ok=True)
-    columns = ["user_id", *model.feature_columns]
     rows = 0
-    with pq.ParquetWriter(output / "scores.parquet", SCORES_SCHEMA) as writer:
-        for path in files:
-            for batch in pq.ParquetFile(path).iter_batches(batch_size=TRANSFORM_BATCH_ROWS, columns=columns):
-                scores = predict_fn(batch.to_pandas(), model)
-                writer.write_table(pa.Table.from_pandas(scores, schema=SCORES_SCHEMA, preserve_index=False))
-                rows += len(scores)
+    with ThreadPoolExecutor(1) as reader, pq.ParquetWriter(output / "scores.parquet", SCORES_SCHEMA) as writer:
+        batches = _feature_batches(reader, files, model_meta(model_dir)["feature_columns"])
+        model = model_fn(model_dir)  # while the first batches are read: TensorFlow alone takes seconds to import
+        for user_ids, X in batches:
+            scores = pa.array(model.predict_matrix(X), pa.float64())
+            writer.write_batch(pa.RecordBatch.from_arrays([user_ids.cast(pa.string()), scores], schema=SCORES_SCHEMA))
+            rows += len(X)
     log.info("scored %d rows from %d files", rows, len(files))
 
 
@@ -273,6 +302,10 @@ def main(argv: list[str] | None = None) -> int:
         failure.write_text(f"{type(error).__name__}: {error}\n")  # SageMaker reports this as the job's FailureReason
         traceback.print_exc()
         return 1
+    finally:
+        # Nothing is left to collect: spare the interpreter's final collections, which walk TensorFlow's objects
+        # (0.7 of a 9 s transform).
+        gc.freeze()
     return 0
 
 
