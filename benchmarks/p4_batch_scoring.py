@@ -104,7 +104,8 @@ def main(argv=None) -> int:
         import pyarrow.parquet as pq
 
         from automl_assets.core import sagemaker_entry
-        from automl_assets.core.training import feature_array, save_model, train_candidates
+        from automl_assets.core.matrices import feature_array
+        from automl_assets.core.training import save_model, train_candidates
         from resources.sagemaker import LocalSageMaker
 
         t = c.Timings()

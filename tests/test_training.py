@@ -23,13 +23,13 @@ import pytest
 from scipy.special import expit
 
 from automl_assets.core import sagemaker_entry
+from automl_assets.core.matrices import feature_array
 from automl_assets.core.splits import split_users, user_fraction
 from automl_assets.core.tfrecord import import_tensorflow, tfrecord_dataset, write_tfrecord
 from resources.sagemaker import Endpoint, LocalSageMaker
 from automl_assets.core.training import (
     ENSEMBLE,
     META_FILE,
-    feature_array,
     load_model,
     save_model,
     signed_log1p,

@@ -54,7 +54,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from automl_assets.core.training import NOT_FEATURES, feature_array, load_model, model_meta, save_model, train_candidates
+from automl_assets.core.matrices import feature_array
+from automl_assets.core.training import NOT_FEATURES, load_model, model_meta, save_model, train_candidates
 
 log = logging.getLogger("automl_assets.sagemaker_entry")
 
