@@ -22,7 +22,7 @@ import pyarrow as pa
 import pytest
 from scipy.special import expit
 
-from automl_assets.core import sagemaker_entry
+from automl_assets.core import sagemaker_entry, training
 from automl_assets.core.matrices import feature_array
 from automl_assets.core.splits import split_users, user_fraction
 from automl_assets.core.tfrecord import import_tensorflow, tfrecord_dataset, write_tfrecord
@@ -150,6 +150,39 @@ def test_feature_array_reads_frames_tables_and_batches_alike():
         np.testing.assert_array_equal(X, expected)
         with pytest.raises(KeyError):
             feature_array(data, ["x", "missing"])
+
+
+def test_weighted_bin_edges_in_one_call_are_scikit_learns(monkeypatch):
+    from sklearn.ensemble._hist_gradient_boosting import binning
+
+    rng = np.random.default_rng(3)
+    n = 5000
+    weights = np.where(rng.random(n) < 0.1, 4.5, 0.55)  # class weights of a rare positive class
+    columns = {
+        "continuous": rng.lognormal(1, 2, n),
+        "ties": np.round(rng.lognormal(1, 1, n), 1),
+        "counts": rng.poisson(3.0, n).astype(float),  # fewer distinct values than bins
+        "constant": np.zeros(n),
+        "missing": np.where(rng.random(n) < 0.3, np.nan, rng.normal(size=n)),
+    }
+    zero_weighted = weights.copy()
+    zero_weighted[rng.random(n) < 0.2] = 0
+    for name, values in columns.items():
+        for sample_weight in (None, weights, zero_weighted):
+            expected = binning._find_binning_thresholds(values, 255, sample_weight=sample_weight)
+            got = training._binning_thresholds(binning._find_binning_thresholds, values, 255, sample_weight=sample_weight)
+            np.testing.assert_array_equal(got, expected, err_msg=name)
+
+    X = np.column_stack(list(columns.values()))
+    y = (rng.random(n) < 0.1 + 0.2 * (X[:, 0] > 3)).astype(int)
+    data = training._TrainingData(X, y, None, None, None, None, 0)
+    fitted = training._fit_hist_gradient_boosting(data)
+    assert binning._find_binning_thresholds.__module__ == binning.__name__  # put back after the fit
+    monkeypatch.setattr(training, "_weighted_edges_in_one_call", contextlib.nullcontext)
+    reference = training._fit_hist_gradient_boosting(data)  # scikit-learn alone
+    for edges, reference_edges in zip(fitted._bin_mapper.bin_thresholds_, reference._bin_mapper.bin_thresholds_):
+        np.testing.assert_array_equal(edges, reference_edges)
+    np.testing.assert_array_equal(fitted.predict_proba(X), reference.predict_proba(X))
 
 
 # --- training with scikit-learn candidates ---------------------------------------------------------------------------

@@ -5,9 +5,11 @@ outputs are mapped back to the training prior, so that the raw scores of all can
 scale: comparable by log-loss, and a sensible input for the calibrator.
 """
 
+import functools
 import json
 import logging
 import platform
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,10 +18,13 @@ import numpy as np
 import pandas as pd
 import sklearn
 from sklearn.ensemble import HistGradientBoostingClassifier
+from sklearn.ensemble._hist_gradient_boosting import binning as hgb_binning
+from sklearn.ensemble._hist_gradient_boosting.common import ALMOST_INF
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import FunctionTransformer, StandardScaler
 from sklearn.utils.class_weight import compute_class_weight
+from sklearn.utils.stats import _weighted_percentile
 
 from automl_assets.core.matrices import feature_array
 from automl_assets.core.metrics import summarise
@@ -102,12 +107,45 @@ def _fit_logistic_regression(data: _TrainingData):
     return model.fit(data.X_train, data.y_train)
 
 
+def _binning_thresholds(sklearn_thresholds, col_data, max_bins, sample_weight=None):
+    """scikit-learn's bin edges for HistGradientBoosting, with the weighted quantiles taken in one
+    ``_weighted_percentile`` call per feature instead of one per edge.
+
+    scikit-learn 1.9 sorts a feature's values again for each of its 255 weighted edges. With class weights and fewer
+    than 200k rows (above that it subsamples instead of weighting) that was 8-17 s of P3's 19 s gradient boosting
+    fit. The same function asked for every edge at once returns the same values (tests/test_training.py);
+    scikit-learn's pull request 34248 makes this change upstream. Everything else is scikit-learn's own code."""
+    if sample_weight is None:
+        return sklearn_thresholds(col_data, max_bins)
+    # The values scikit-learn takes quantiles of: no missing values, no zero weights, sorted.
+    kept = ~np.isnan(col_data) & (sample_weight != 0)
+    col_data, sample_weight = col_data[kept], sample_weight[kept]
+    order = np.argsort(col_data)
+    col_data, sample_weight = col_data[order], sample_weight[order]
+    if len(np.unique(col_data)) <= max_bins:
+        return sklearn_thresholds(col_data, max_bins)  # midpoints of the distinct values: weights play no part
+    percentiles = np.linspace(0, 100, num=max_bins + 1)[1:-1]
+    edges = np.unique(_weighted_percentile(col_data, sample_weight, percentiles, average=True))
+    return np.clip(edges, a_min=None, a_max=ALMOST_INF)
+
+
+@contextmanager
+def _weighted_edges_in_one_call():
+    original = hgb_binning._find_binning_thresholds
+    hgb_binning._find_binning_thresholds = functools.partial(_binning_thresholds, original)
+    try:
+        yield
+    finally:
+        hgb_binning._find_binning_thresholds = original
+
+
 def _fit_hist_gradient_boosting(data: _TrainingData):
     # Early stopping on an internal 10% of the training rows.
     model = HistGradientBoostingClassifier(
         max_iter=200, early_stopping=True, n_iter_no_change=10, class_weight="balanced", random_state=data.seed
     )
-    return model.fit(data.X_train, data.y_train)
+    with _weighted_edges_in_one_call():
+        return model.fit(data.X_train, data.y_train)
 
 
 def _fit_keras_mlp(data: _TrainingData):
