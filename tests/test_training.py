@@ -153,6 +153,7 @@ def test_feature_array_reads_frames_tables_and_batches_alike():
 
 
 def test_weighted_bin_edges_in_one_call_are_scikit_learns(monkeypatch):
+    import sklearn
     from sklearn.ensemble._hist_gradient_boosting import binning
 
     rng = np.random.default_rng(3)
@@ -178,6 +179,7 @@ def test_weighted_bin_edges_in_one_call_are_scikit_learns(monkeypatch):
     data = training._TrainingData(X, y, None, None, None, None, 0)
     fitted = training._fit_hist_gradient_boosting(data)
     assert binning._find_binning_thresholds.__module__ == binning.__name__  # put back after the fit
+    assert sklearn.__version__.startswith(("1.8.", "1.9.")), "a scikit-learn with PR 34248: drop _binning_thresholds"
     monkeypatch.setattr(training, "_weighted_edges_in_one_call", contextlib.nullcontext)
     reference = training._fit_hist_gradient_boosting(data)  # scikit-learn alone
     for edges, reference_edges in zip(fitted._bin_mapper.bin_thresholds_, reference._bin_mapper.bin_thresholds_):

@@ -55,7 +55,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from automl_assets.core.matrices import feature_array
-from automl_assets.core.training import NOT_FEATURES, load_model, model_meta, save_model, train_candidates
+from automl_assets.core.training import (
+    NOT_FEATURES,
+    PREDICT_BATCH_SIZE,
+    load_model,
+    model_meta,
+    save_model,
+    train_candidates,
+)
 
 log = logging.getLogger("automl_assets.sagemaker_entry")
 
@@ -68,8 +75,8 @@ HYPERPARAMETERS = {
     "max_training_users": int,
     "seed": int,
 }
-TRANSFORM_BATCH_ROWS = 100_000
-# Batches a transform reads ahead of the model: about 0.4 GB of float32 features at 400 columns.
+TRANSFORM_BATCH_ROWS = PREDICT_BATCH_SIZE  # one Keras call per batch
+# Batches a transform reads ahead of the model: 0.64 GB of float32 features at 400 columns.
 READ_AHEAD = 4
 SCORES_SCHEMA = pa.schema([("user_id", pa.string()), ("raw_score", pa.float64())])
 JSON = "application/json"
@@ -136,9 +143,9 @@ def train() -> None:
 
 
 def _feature_batches(reader: ThreadPoolExecutor, files: list[Path], feature_columns: list[str]):
-    """(user ids, float32 feature matrix) per batch of ``files``, read by ``reader`` up to READ_AHEAD batches ahead
-    of the caller, starting now: Arrow straight into the matrix (a pandas frame of the batch costs more than scoring
-    it)."""
+    """(user ids, float32 feature matrix) per batch of ``files``, read by ``reader`` (one thread: the batches come
+    off one iterator, in order) up to READ_AHEAD batches ahead of the caller, starting now: Arrow straight into the
+    matrix (a pandas frame of the batch costs more than scoring it)."""
     batches = itertools.chain.from_iterable(
         pq.ParquetFile(path).iter_batches(batch_size=TRANSFORM_BATCH_ROWS, columns=["user_id", *feature_columns])
         for path in files
@@ -169,12 +176,15 @@ def transform() -> None:
     output.mkdir(parents=True, exist_ok=True)
     rows = 0
     with ThreadPoolExecutor(1) as reader, pq.ParquetWriter(output / "scores.parquet", SCORES_SCHEMA) as writer:
-        batches = _feature_batches(reader, files, model_meta(model_dir)["feature_columns"])
-        model = model_fn(model_dir)  # while the first batches are read: TensorFlow alone takes seconds to import
-        for user_ids, X in batches:
-            scores = pa.array(model.predict_matrix(X), pa.float64())
-            writer.write_batch(pa.RecordBatch.from_arrays([user_ids.cast(pa.string()), scores], schema=SCORES_SCHEMA))
-            rows += len(X)
+        try:
+            batches = _feature_batches(reader, files, model_meta(model_dir)["feature_columns"])
+            model = model_fn(model_dir)  # while the first batches are read: TensorFlow alone takes seconds to import
+            for user_ids, X in batches:
+                scores = pa.array(model.predict_matrix(X), pa.float64())
+                writer.write_batch(pa.RecordBatch.from_arrays([user_ids.cast(pa.string()), scores], schema=SCORES_SCHEMA))
+                rows += len(X)
+        finally:
+            reader.shutdown(cancel_futures=True)  # a failed job does not wait for the reads queued ahead
     log.info("scored %d rows from %d files", rows, len(files))
 
 

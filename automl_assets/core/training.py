@@ -18,13 +18,10 @@ import numpy as np
 import pandas as pd
 import sklearn
 from sklearn.ensemble import HistGradientBoostingClassifier
-from sklearn.ensemble._hist_gradient_boosting import binning as hgb_binning
-from sklearn.ensemble._hist_gradient_boosting.common import ALMOST_INF
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import FunctionTransformer, StandardScaler
 from sklearn.utils.class_weight import compute_class_weight
-from sklearn.utils.stats import _weighted_percentile
 
 from automl_assets.core.matrices import feature_array
 from automl_assets.core.metrics import summarise
@@ -50,8 +47,8 @@ MIN_PER_CLASS = 10
 KERAS_BATCH_SIZE = 256
 KERAS_MAX_EPOCHS = 10
 KERAS_SHUFFLE_BUFFER = 10_000  # records; about 16 MB at 400 features
-# Rows the Keras network scores per call: a transform batch (sagemaker_entry.TRANSFORM_BATCH_ROWS) in one call;
-# larger inputs are split, as the network's inputs are normalised into a copy.
+# Rows the Keras network scores per call (and a transform's batch); larger inputs are split, as the network's inputs
+# are normalised into a copy.
 PREDICT_BATCH_SIZE = 100_000
 # Columns of a training matrix that are not features: the user, the stacked snapshot (weeks back), the label.
 NOT_FEATURES = ("user_id", "snapshot", "label")
@@ -111,10 +108,13 @@ def _binning_thresholds(sklearn_thresholds, col_data, max_bins, sample_weight=No
     """scikit-learn's bin edges for HistGradientBoosting, with the weighted quantiles taken in one
     ``_weighted_percentile`` call per feature instead of one per edge.
 
-    scikit-learn 1.9 sorts a feature's values again for each of its 255 weighted edges. With class weights and fewer
-    than 200k rows (above that it subsamples instead of weighting) that was 8-17 s of P3's 19 s gradient boosting
-    fit. The same function asked for every edge at once returns the same values (tests/test_training.py);
-    scikit-learn's pull request 34248 makes this change upstream. Everything else is scikit-learn's own code."""
+    scikit-learn 1.8 and 1.9 sort a feature's values again for each of its 254 weighted edges. With class weights and
+    fewer than 200k rows (above that they subsample instead of weighting) that was half of a gradient boosting fit on
+    P3's training matrix (27.8 s, 13.6 s without). The same function asked for every edge at once returns the same
+    values (tests/test_training.py); scikit-learn's pull request 34248 makes this change upstream, after 1.9."""
+    from sklearn.ensemble._hist_gradient_boosting.common import ALMOST_INF
+    from sklearn.utils.stats import _weighted_percentile
+
     if sample_weight is None:
         return sklearn_thresholds(col_data, max_bins)
     # The values scikit-learn takes quantiles of: no missing values, no zero weights, sorted.
@@ -131,12 +131,19 @@ def _binning_thresholds(sklearn_thresholds, col_data, max_bins, sample_weight=No
 
 @contextmanager
 def _weighted_edges_in_one_call():
-    original = hgb_binning._find_binning_thresholds
-    hgb_binning._find_binning_thresholds = functools.partial(_binning_thresholds, original)
+    """_binning_thresholds in place of scikit-learn's own, for the versions whose code it follows (1.8 and 1.9; later
+    ones have the upstream change). Process-wide while it lasts: a training job fits one candidate at a time."""
+    if not (1, 8) <= tuple(int(part) for part in sklearn.__version__.split(".")[:2]) < (1, 10):
+        yield
+        return
+    from sklearn.ensemble._hist_gradient_boosting import binning
+
+    original = binning._find_binning_thresholds
+    binning._find_binning_thresholds = functools.partial(_binning_thresholds, original)
     try:
         yield
     finally:
-        hgb_binning._find_binning_thresholds = original
+        binning._find_binning_thresholds = original
 
 
 def _fit_hist_gradient_boosting(data: _TrainingData):
