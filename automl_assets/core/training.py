@@ -250,9 +250,9 @@ class ScoringModel:
         if self.name == KERAS_MLP:
             # predict_on_batch: Keras' predict() sets up a dataset and callbacks per call, which costs more than
             # the network itself for a batch of a transform or an endpoint request.
+            chunks = (X[start : start + PREDICT_BATCH_SIZE] for start in range(0, len(X), PREDICT_BATCH_SIZE))
             balanced = np.concatenate(
-                [self.model.predict_on_batch(signed_log1p(np.ascontiguousarray(X[start : start + PREDICT_BATCH_SIZE])))[:, 0]
-                 for start in range(0, len(X), PREDICT_BATCH_SIZE)]
+                [self.model.predict_on_batch(signed_log1p(np.ascontiguousarray(chunk)))[:, 0] for chunk in chunks]
             )
         else:
             balanced = self.model.predict_proba(X)[:, 1]
