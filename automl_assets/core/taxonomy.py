@@ -7,8 +7,9 @@ import pandas as pd
 
 from automl_assets.core.feature_sql import EventProperty, Taxonomy, UserProperty, usable_value
 
-# A user property is one-hot encoded only if its top values describe most users; otherwise it is an identifier.
-MIN_USER_PROPERTY_COVERAGE = 0.5
+# A property becomes features through its most frequent values only if they describe most of its occurrences (of its
+# users, for a user property); otherwise it is an identifier, an amount or free text, whose top values say little.
+MIN_VALUE_COVERAGE = 0.5
 
 
 def event_stats_sql(start_hour: int, end_hour: int) -> str:
@@ -51,30 +52,40 @@ def select_taxonomy(
     revenue_events = tuple(sorted(ranked[(ranked["revenue"] > 0) & ranked["event_type"].isin(events)]["event_type"]))
 
     props = property_stats[property_stats["event_type"].isin(events) & property_stats["prop_value"].map(usable_value)]
+    props = props.sort_values(["event_type", "prop_key", "n", "prop_value"], ascending=[True, True, False, True])
     pairs = props.groupby(["event_type", "prop_key"]).agg(n=("n", "sum"), distinct=("prop_value", "nunique")).reset_index()
-    too_many = pairs[pairs["distinct"] > max_property_values]
-    pairs = pairs[pairs["distinct"] <= max_property_values].sort_values(
-        ["n", "event_type", "prop_key"], ascending=[False, True, True]
-    ).head(top_properties)
-    event_properties = []
+    pairs = pairs.sort_values(["n", "event_type", "prop_key"], ascending=[False, True, True])
+    top_values = props.groupby(["event_type", "prop_key"]).head(max_property_values).groupby(["event_type", "prop_key"])
+    event_properties, identifier_like_events, truncated = [], [], []
     for row in pairs.itertuples():
-        values = props[(props["event_type"] == row.event_type) & (props["prop_key"] == row.prop_key)]
-        values = values.sort_values(["n", "prop_value"], ascending=[False, True])["prop_value"]
-        event_properties.append(EventProperty(row.event_type, row.prop_key, tuple(values)))
+        top = top_values.get_group((row.event_type, row.prop_key))
+        coverage = top["n"].sum() / row.n
+        described = f"{row.event_type}.{row.prop_key} ({row.distinct} values, the top {len(top)} cover {coverage:.0%} of uses)"
+        if coverage < MIN_VALUE_COVERAGE:
+            identifier_like_events.append(described)
+        elif len(event_properties) < top_properties:
+            event_properties.append(EventProperty(row.event_type, row.prop_key, tuple(top["prop_value"])))
+            if len(top) < row.distinct:
+                truncated.append(described)
 
     user_properties, identifier_like = [], []
-    usable = user_property_stats[user_property_stats["value"].map(lambda v: isinstance(v, str) and usable_value(v))]
+    # astype(bool): with no user properties at all the mask is an empty object Series, which pandas would take as a
+    # selection of columns.
+    usable = user_property_stats[
+        user_property_stats["value"].map(lambda v: isinstance(v, str) and usable_value(v)).astype(bool)
+    ]
     for key, group in sorted(usable.groupby("prop_key"), key=lambda item: item[0]):
         group = group.sort_values(["users", "value"], ascending=[False, True])
         top = group.head(user_property_values)
-        if not usable_value(key) or top["users"].sum() < MIN_USER_PROPERTY_COVERAGE * group["users"].sum():
+        if not usable_value(key) or top["users"].sum() < MIN_VALUE_COVERAGE * group["users"].sum():
             identifier_like.append(key)
             continue
         user_properties.append(UserProperty(key, tuple(top["value"])))
 
     taxonomy = Taxonomy(events, revenue_events, tuple(event_properties), tuple(user_properties), weeks)
     report = {
-        "high_cardinality_event_properties": [f"{r.event_type}.{r.prop_key} ({r.distinct} values)" for r in too_many.itertuples()],
+        "identifier_like_event_properties": identifier_like_events,
+        "event_properties_on_their_top_values": truncated,
         "identifier_like_user_properties": identifier_like,
         "events_available": int(len(ranked)),
     }
