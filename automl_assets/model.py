@@ -121,6 +121,7 @@ def model(context: dg.AssetExecutionContext, storage: LocalStorage, sagemaker: L
             "candidates": dg.MetadataValue.md(metrics_table(metrics["metrics"], chosen)),
             "n_train": metrics["n_train"],
             "n_validation": metrics["n_validation"],
+            "n_calibration": metrics["n_calibration"],
             "positives": metrics["positives"],
             "path": dg.MetadataValue.path(storage.path(*run.parts("model"))),
             **run.describe(),

@@ -209,7 +209,7 @@ def test_chooses_the_lowest_validation_log_loss(planted):
 def test_counts_and_validation_predictions_follow_the_user_split(planted):
     matrix, columns, outcome = planted
     train, validation = split_of(matrix)
-    assert (outcome.n_train, outcome.n_validation) == (train.sum(), validation.sum())
+    assert (outcome.n_train, outcome.n_validation, outcome.n_calibration) == (train.sum(), validation.sum(), validation.sum())
     assert outcome.n_train + outcome.n_validation == len(matrix)
     assert outcome.positives == matrix["label"][train].sum()
     predictions = outcome.validation_predictions
@@ -221,18 +221,25 @@ def test_counts_and_validation_predictions_follow_the_user_split(planted):
     )
 
 
-def test_stacked_snapshots_train_on_every_snapshot_and_validate_on_the_newest():
+def test_stacked_snapshots_train_on_every_snapshot_choose_on_every_snapshot_and_calibrate_on_the_newest():
     newest, columns = planted_matrix(n_users=1500, seed=0)
     older = newest.copy()  # the same users one week earlier, with other outcomes
     older["label"] = 1 - older["label"]
     matrix = pd.concat([newest.assign(snapshot=0), older.assign(snapshot=1)], ignore_index=True)
-    outcome = train_candidates(matrix, columns, models=("logistic_regression",))
+    outcome = train_candidates(matrix, columns, models=FAST_MODELS)
     train, validation = split_of(matrix)
-    assert outcome.n_train == train.sum() and outcome.n_validation == (validation & (matrix["snapshot"] == 0)).sum()
-    assert outcome.positives == matrix["label"][train].sum()
+    assert outcome.n_train == train.sum() and outcome.positives == matrix["label"][train].sum()
+    # The candidates are compared on both snapshots of the validation users ...
+    assert outcome.n_validation == validation.sum() == 2 * (validation & (matrix["snapshot"] == 0)).sum()
+    for metrics in outcome.metrics.values():
+        assert (metrics["n"], metrics["positives"]) == (validation.sum(), matrix["label"][validation].sum())
+    # ... and the calibrator gets the chosen model's scores of their newest snapshot.
     held_out = outcome.validation_predictions
-    assert held_out["user_id"].is_unique
+    assert outcome.n_calibration == len(held_out) == validation.sum() // 2 and held_out["user_id"].is_unique
     assert held_out["label"].tolist() == newest["label"][validation[: len(newest)]].tolist()
+    np.testing.assert_allclose(
+        held_out["raw_score"], outcome.models[outcome.chosen].predict(newest[validation[: len(newest)]]), rtol=1e-12
+    )
 
 
 def test_candidates_are_compared_at_the_true_prior(planted):

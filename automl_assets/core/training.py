@@ -264,10 +264,11 @@ class TrainingOutcome:
     chosen: str
     models: dict[str, ScoringModel]  # every fitted candidate
     metrics: dict[str, dict]  # candidate -> metrics.summarise() on the validation split
-    validation_predictions: pd.DataFrame  # user_id, raw_score (of the chosen model), label
+    validation_predictions: pd.DataFrame  # user_id, raw_score (of the chosen model), label: what the calibrator fits
     feature_columns: list[str]
     n_train: int
-    n_validation: int
+    n_validation: int  # rows the candidates are compared on
+    n_calibration: int  # rows of validation_predictions: the validation users' newest snapshot
     positives: int  # in the training split
 
     def summary(self) -> dict:
@@ -277,6 +278,7 @@ class TrainingOutcome:
             "metrics": self.metrics,
             "n_train": self.n_train,
             "n_validation": self.n_validation,
+            "n_calibration": self.n_calibration,
             "positives": self.positives,
             "train_positive_rate": self.models[self.chosen].train_positive_rate,
         }
@@ -292,7 +294,8 @@ def train_candidates(
     seed: int = SPLIT_SEED,
     tfrecord_path=None,
 ) -> TrainingOutcome:
-    """Fit each of ``models`` on the training users and choose the one with the lowest validation log-loss.
+    """Fit each of ``models`` on the training users and choose the one with the lowest log-loss on the validation
+    users.
 
     A ``snapshot`` column (weeks back; 0 is the newest) marks a matrix that stacks several training cutoffs: see
     the split below.
@@ -316,14 +319,14 @@ def train_candidates(
     train, validation = split_users(
         matrix["user_id"], validation_fraction=validation_fraction, max_training_users=max_training_users, seed=seed
     )
-    if "snapshot" in matrix.columns:
-        # A stacked matrix: the training users' rows of every snapshot are fitted on, but validation (and the
-        # calibrator fitted on its predictions) keeps the newest snapshot, the label window closest to the one
-        # scores are about. Older rows of validation users are used by neither side.
-        validation &= matrix["snapshot"].to_numpy() == 0
-    _require_both_classes(labels[train | validation], "training matrix", MIN_ROWS, MIN_PER_CLASS)
+    # In a stacked matrix the training users' rows of every snapshot are fitted on, and the candidates are compared on
+    # every row of the validation users: on their newest snapshot alone (a few hundred users on small data) the
+    # choice turned on differences far below its noise. The calibrator learns from the newest snapshot, the label
+    # window closest to the one scores are about.
+    calibration = validation & (matrix["snapshot"].to_numpy() == 0) if "snapshot" in matrix.columns else validation
+    _require_both_classes(labels[train | calibration], "training matrix", MIN_ROWS, MIN_PER_CLASS)
     _require_both_classes(labels[train], "training split", 1, 1)
-    _require_both_classes(labels[validation], "validation split", 1, 1)
+    _require_both_classes(labels[calibration], "validation split", 1, 1)
 
     X = feature_array(matrix, feature_columns)
     not_finite = ~np.isfinite(X).all(axis=0)
@@ -341,6 +344,7 @@ def train_candidates(
         seed=seed,
     )
     del X  # X[train] and X[validation] are copies: drop the full array before fitting
+    newest = calibration[validation]  # the validation rows the calibrator learns from
     positive_rate = float(data.y_train.mean())
 
     fitted, scores, metrics = {}, {}, {}
@@ -364,14 +368,15 @@ def train_candidates(
         metrics=metrics,
         validation_predictions=pd.DataFrame(
             {
-                "user_id": matrix["user_id"].to_numpy()[validation],
-                "raw_score": scores[chosen],
-                "label": data.y_validation,
+                "user_id": matrix["user_id"].to_numpy()[calibration],
+                "raw_score": scores[chosen][newest],
+                "label": data.y_validation[newest],
             }
         ),
         feature_columns=feature_columns,
         n_train=int(train.sum()),
         n_validation=int(validation.sum()),
+        n_calibration=int(calibration.sum()),
         positives=int(data.y_train.sum()),
     )
 
