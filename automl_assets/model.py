@@ -53,8 +53,10 @@ def metrics_table(candidates: dict[str, dict], chosen: str) -> str:
 
 def promotion(storage, run: PredictionRun, metrics: dict) -> dict:
     """Promote unless the new model is clearly worse than the model in force (normalised log-loss, so label windows
-    with different base rates compare fairly)."""
-    chosen = metrics["metrics"][metrics["chosen"]]
+    with different base rates compare fairly), both measured on the newest label window of their held-out users: the
+    window closest to what scores are about, and the one every model was measured on before the choice among
+    candidates moved to every stacked snapshot."""
+    chosen = metrics["chosen_newest_snapshot"]
     new = quality.normalised_log_loss(chosen["log_loss"], chosen["positives"] / chosen["n"])
     current_hour = model_in_force(storage, run.prediction, run.hour, before=True)
     decision = {"normalised_log_loss": new, "compared_with": None, "promoted": True}
@@ -122,6 +124,8 @@ def model(context: dg.AssetExecutionContext, storage: LocalStorage, sagemaker: L
             "n_train": metrics["n_train"],
             "n_validation": metrics["n_validation"],
             "n_calibration": metrics["n_calibration"],
+            "validation_rows": "auc, log_loss, brier and the candidates table: every snapshot of the held-out users "
+            "(n_validation rows); the promotion gate and the calibrator: their newest snapshot (n_calibration rows)",
             "positives": metrics["positives"],
             "path": dg.MetadataValue.path(storage.path(*run.parts("model"))),
             **run.describe(),

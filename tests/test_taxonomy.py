@@ -28,7 +28,7 @@ def test_a_property_with_more_values_than_the_cap_keeps_its_most_frequent_ones()
     taxonomy, report = select(departments)
     kept = departments.sort_values("n", ascending=False)["prop_value"].head(20)
     assert taxonomy.event_properties == (EventProperty("purchase", "department", tuple(kept)),)
-    assert report["event_properties_on_their_top_values"] == ["purchase.department (30 values, the top 20 cover 84% of uses)"]
+    assert report["event_properties_on_their_top_values"] == ["purchase.department (30 values, the top 20 cover 84.4% of uses)"]
     assert report["identifier_like_event_properties"] == []
 
 
@@ -37,7 +37,7 @@ def test_identifiers_and_amounts_are_left_out_and_small_properties_keep_every_va
     pages = property_stats("page", [40, 30, 5], event_type="view")
     taxonomy, report = select(pd.concat([item_ids, pages]))
     assert taxonomy.event_properties == (EventProperty("view", "page", ("page_000", "page_001", "page_002")),)
-    assert report["identifier_like_event_properties"] == ["purchase.item_id (400 values, the top 20 cover 5% of uses)"]
+    assert report["identifier_like_event_properties"] == ["purchase.item_id (400 values, the top 20 cover 5.0% of uses)"]
     assert report["event_properties_on_their_top_values"] == []
 
 

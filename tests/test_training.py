@@ -24,6 +24,7 @@ from scipy.special import expit
 
 from automl_assets.core import sagemaker_entry, training
 from automl_assets.core.matrices import feature_array
+from automl_assets.core.metrics import summarise
 from automl_assets.core.splits import split_users, user_fraction
 from automl_assets.core.tfrecord import import_tensorflow, tfrecord_dataset, write_tfrecord
 from resources.sagemaker import Endpoint, LocalSageMaker
@@ -223,7 +224,8 @@ def test_counts_and_validation_predictions_follow_the_user_split(planted):
 
 def test_stacked_snapshots_train_on_every_snapshot_choose_on_every_snapshot_and_calibrate_on_the_newest():
     newest, columns = planted_matrix(n_users=1500, seed=0)
-    older = newest.copy()  # the same users one week earlier, with other outcomes
+    older = newest.copy()  # the same users one week earlier, with other features and outcomes
+    older[columns] = older[columns] * 2 + 1
     older["label"] = 1 - older["label"]
     matrix = pd.concat([newest.assign(snapshot=0), older.assign(snapshot=1)], ignore_index=True)
     outcome = train_candidates(matrix, columns, models=FAST_MODELS)
@@ -233,13 +235,25 @@ def test_stacked_snapshots_train_on_every_snapshot_choose_on_every_snapshot_and_
     assert outcome.n_validation == validation.sum() == 2 * (validation & (matrix["snapshot"] == 0)).sum()
     for metrics in outcome.metrics.values():
         assert (metrics["n"], metrics["positives"]) == (validation.sum(), matrix["label"][validation].sum())
-    # ... and the calibrator gets the chosen model's scores of their newest snapshot.
-    held_out = outcome.validation_predictions
-    assert outcome.n_calibration == len(held_out) == validation.sum() // 2 and held_out["user_id"].is_unique
-    assert held_out["label"].tolist() == newest["label"][validation[: len(newest)]].tolist()
-    np.testing.assert_allclose(
-        held_out["raw_score"], outcome.models[outcome.chosen].predict(newest[validation[: len(newest)]]), rtol=1e-12
+    # ... and the calibrator, like the promotion gate, gets the chosen model's scores of their newest snapshot.
+    held_out, newest_validation = outcome.validation_predictions, newest[validation[: len(newest)]]
+    assert outcome.n_calibration == len(held_out) == len(newest_validation) == validation.sum() // 2
+    assert held_out["user_id"].tolist() == newest_validation["user_id"].tolist()
+    assert held_out["label"].tolist() == newest_validation["label"].tolist()
+    chosen = outcome.models[outcome.chosen]
+    np.testing.assert_allclose(held_out["raw_score"], chosen.predict(newest_validation), rtol=1e-12)
+    assert outcome.chosen_newest == summarise(
+        newest_validation["label"].to_numpy(), to_prior(chosen.predict(newest_validation), chosen.train_positive_rate)
     )
+    assert outcome.summary()["chosen_newest_snapshot"] == outcome.chosen_newest
+
+
+def test_the_newest_snapshot_of_the_validation_users_needs_both_classes():
+    newest, columns = planted_matrix(n_users=1500, seed=0)
+    older = newest.assign(label=np.arange(len(newest)) % 2)
+    matrix = pd.concat([newest.assign(snapshot=0, label=1), older.assign(snapshot=1)], ignore_index=True)
+    with pytest.raises(ValueError, match="the validation users' newest snapshot has .* positives"):
+        train_candidates(matrix, columns, models=("logistic_regression",))
 
 
 def test_candidates_are_compared_at_the_true_prior(planted):

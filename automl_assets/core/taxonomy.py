@@ -60,7 +60,7 @@ def select_taxonomy(
     for row in pairs.itertuples():
         top = top_values.get_group((row.event_type, row.prop_key))
         coverage = top["n"].sum() / row.n
-        described = f"{row.event_type}.{row.prop_key} ({row.distinct} values, the top {len(top)} cover {coverage:.0%} of uses)"
+        described = f"{row.event_type}.{row.prop_key} ({row.distinct} values, the top {len(top)} cover {coverage:.1%} of uses)"
         if coverage < MIN_VALUE_COVERAGE:
             identifier_like_events.append(described)
         elif len(event_properties) < top_properties:

@@ -263,7 +263,8 @@ class ScoringModel:
 class TrainingOutcome:
     chosen: str
     models: dict[str, ScoringModel]  # every fitted candidate
-    metrics: dict[str, dict]  # candidate -> metrics.summarise() on the validation split
+    metrics: dict[str, dict]  # candidate -> metrics.summarise() on the validation users' rows: what the choice is made on
+    chosen_newest: dict  # metrics.summarise() of the chosen model on the calibration rows: what promotion compares
     validation_predictions: pd.DataFrame  # user_id, raw_score (of the chosen model), label: what the calibrator fits
     feature_columns: list[str]
     n_train: int
@@ -279,6 +280,7 @@ class TrainingOutcome:
             "n_train": self.n_train,
             "n_validation": self.n_validation,
             "n_calibration": self.n_calibration,
+            "chosen_newest_snapshot": self.chosen_newest,
             "positives": self.positives,
             "train_positive_rate": self.models[self.chosen].train_positive_rate,
         }
@@ -326,7 +328,7 @@ def train_candidates(
     calibration = validation & (matrix["snapshot"].to_numpy() == 0) if "snapshot" in matrix.columns else validation
     _require_both_classes(labels[train | calibration], "training matrix", MIN_ROWS, MIN_PER_CLASS)
     _require_both_classes(labels[train], "training split", 1, 1)
-    _require_both_classes(labels[calibration], "validation split", 1, 1)
+    _require_both_classes(labels[calibration], "validation users' newest snapshot", 1, 1)
 
     X = feature_array(matrix, feature_columns)
     not_finite = ~np.isfinite(X).all(axis=0)
@@ -366,6 +368,7 @@ def train_candidates(
         chosen=chosen,
         models=fitted,
         metrics=metrics,
+        chosen_newest=summarise(data.y_validation[newest], to_prior(scores[chosen][newest], positive_rate)),
         validation_predictions=pd.DataFrame(
             {
                 "user_id": matrix["user_id"].to_numpy()[calibration],
