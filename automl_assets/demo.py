@@ -46,11 +46,14 @@ def run_demo(users: int, weeks: int, seed: int, end: datetime | None = None) -> 
     metrics = storage.read_json("predictions", spec.name, "model", token, "output", "metrics.json")
     calibration = storage.read_json("predictions", spec.name, "calibrator", token, "calibrator.json")
     chosen = metrics["chosen"]
-    print(f"    candidates (validation, 20% of users held out):")
+    print(f"    candidates (validation: {metrics['n_validation']:,} rows, every weekly snapshot of 20% of users held out):")
     for name, m in sorted(metrics["metrics"].items(), key=lambda item: item[1]["log_loss"]):
         print(f"      {name:<24} AUC {m['auc']:.3f}  log-loss {m['log_loss']:.4f}{'   <- chosen' if name == chosen else ''}")
     before, after = calibration["before"], calibration["after"]
-    print(f"    AUC {after['auc']:.3f}; expected calibration error {before['ece']:.4f} -> {after['ece']:.4f} after calibration")
+    print(
+        f"    on their newest snapshot ({metrics['n_calibration']:,} users): AUC {after['auc']:.3f}; expected calibration "
+        f"error {before['ece']:.4f} -> {after['ece']:.4f} after calibration"
+    )
     scores = storage.read_table(*layout.prediction_asset(spec.name, "scores", hour, "scores.parquet")).to_pandas()
     print(f"    scored {len(scores):,} users (run {result.run_id}); top 10:")
     with pd.option_context("display.width", 120):
