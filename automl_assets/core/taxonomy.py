@@ -33,6 +33,12 @@ def user_property_stats_sql(start_hour: int, end_hour: int) -> str:
     )
 
 
+def _top_values(group: pd.DataFrame, value: str, count: str, limit: int) -> tuple[tuple[str, ...], float]:
+    """One property's `limit` most used values (ties by value) and the share of its uses (`count`) they cover."""
+    top = group.sort_values([count, value], ascending=[False, True]).head(limit)
+    return tuple(top[value]), float(top[count].sum() / group[count].sum())
+
+
 def select_taxonomy(
     event_stats: pd.DataFrame,
     property_stats: pd.DataFrame,
@@ -52,20 +58,18 @@ def select_taxonomy(
     revenue_events = tuple(sorted(ranked[(ranked["revenue"] > 0) & ranked["event_type"].isin(events)]["event_type"]))
 
     props = property_stats[property_stats["event_type"].isin(events) & property_stats["prop_value"].map(usable_value)]
-    props = props.sort_values(["event_type", "prop_key", "n", "prop_value"], ascending=[True, True, False, True])
-    pairs = props.groupby(["event_type", "prop_key"]).agg(n=("n", "sum"), distinct=("prop_value", "nunique")).reset_index()
-    pairs = pairs.sort_values(["n", "event_type", "prop_key"], ascending=[False, True, True])
-    top_values = props.groupby(["event_type", "prop_key"]).head(max_property_values).groupby(["event_type", "prop_key"])
+    pairs = []
+    for (event_type, key), group in props.groupby(["event_type", "prop_key"]):
+        values, coverage = _top_values(group, "prop_value", "n", max_property_values)
+        pairs.append((-group["n"].sum(), event_type, key, group["prop_value"].nunique(), values, coverage))
     event_properties, identifier_like_events, truncated = [], [], []
-    for row in pairs.itertuples():
-        top = top_values.get_group((row.event_type, row.prop_key))
-        coverage = top["n"].sum() / row.n
-        described = f"{row.event_type}.{row.prop_key} ({row.distinct} values, the top {len(top)} cover {coverage:.1%} of uses)"
+    for _, event_type, key, distinct, values, coverage in sorted(pairs, key=lambda pair: pair[:3]):  # most used first
+        described = f"{event_type}.{key} ({distinct} values, the top {len(values)} cover {coverage:.1%} of uses)"
         if coverage < MIN_VALUE_COVERAGE:
             identifier_like_events.append(described)
         elif len(event_properties) < top_properties:
-            event_properties.append(EventProperty(row.event_type, row.prop_key, tuple(top["prop_value"])))
-            if len(top) < row.distinct:
+            event_properties.append(EventProperty(event_type, key, values))
+            if len(values) < distinct:
                 truncated.append(described)
 
     user_properties, identifier_like = [], []
@@ -75,12 +79,11 @@ def select_taxonomy(
         user_property_stats["value"].map(lambda v: isinstance(v, str) and usable_value(v)).astype(bool)
     ]
     for key, group in sorted(usable.groupby("prop_key"), key=lambda item: item[0]):
-        group = group.sort_values(["users", "value"], ascending=[False, True])
-        top = group.head(user_property_values)
-        if not usable_value(key) or top["users"].sum() < MIN_VALUE_COVERAGE * group["users"].sum():
+        values, coverage = _top_values(group, "value", "users", user_property_values)
+        if not usable_value(key) or coverage < MIN_VALUE_COVERAGE:
             identifier_like.append(key)
             continue
-        user_properties.append(UserProperty(key, tuple(top["value"])))
+        user_properties.append(UserProperty(key, values))
 
     taxonomy = Taxonomy(events, revenue_events, tuple(event_properties), tuple(user_properties), weeks)
     report = {

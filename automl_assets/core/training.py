@@ -363,18 +363,15 @@ def train_candidates(
         metrics[ENSEMBLE] = summarise(data.y_validation, to_prior(scores[ENSEMBLE], positive_rate))
         log.info("candidate %s of %s: %s", ENSEMBLE, list(models), metrics[ENSEMBLE])
     chosen = min(metrics, key=lambda name: metrics[name]["log_loss"])
+    newest_scores, newest_labels = scores[chosen][newest], data.y_validation[newest]
 
     return TrainingOutcome(
         chosen=chosen,
         models=fitted,
         metrics=metrics,
-        chosen_newest=summarise(data.y_validation[newest], to_prior(scores[chosen][newest], positive_rate)),
+        chosen_newest=summarise(newest_labels, to_prior(newest_scores, positive_rate)),
         validation_predictions=pd.DataFrame(
-            {
-                "user_id": matrix["user_id"].to_numpy()[calibration],
-                "raw_score": scores[chosen][newest],
-                "label": data.y_validation[newest],
-            }
+            {"user_id": matrix["user_id"].to_numpy()[calibration], "raw_score": newest_scores, "label": newest_labels}
         ),
         feature_columns=feature_columns,
         n_train=int(train.sum()),
