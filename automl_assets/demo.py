@@ -47,8 +47,9 @@ def run_demo(users: int, weeks: int, seed: int, end: datetime | None = None) -> 
     calibration = storage.read_json("predictions", spec.name, "calibrator", token, "calibrator.json")
     chosen = metrics["chosen"]
     print(f"    candidates (validation: {metrics['n_validation']:,} rows, every weekly snapshot of 20% of users held out):")
+    width = max(map(len, metrics["metrics"]))
     for name, m in sorted(metrics["metrics"].items(), key=lambda item: item[1]["log_loss"]):
-        print(f"      {name:<24} AUC {m['auc']:.3f}  log-loss {m['log_loss']:.4f}{'   <- chosen' if name == chosen else ''}")
+        print(f"      {name:<{width}} AUC {m['auc']:.3f}  log-loss {m['log_loss']:.4f}{'   <- chosen' if name == chosen else ''}")
     before, after = calibration["before"], calibration["after"]
     print(
         f"    on their newest snapshot ({metrics['n_calibration']:,} users): AUC {after['auc']:.3f}; expected calibration "

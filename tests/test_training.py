@@ -294,6 +294,28 @@ def test_the_ensemble_averages_its_members_and_round_trips(planted, tmp_path):
     np.testing.assert_allclose(restored.predict(matrix), outcome.models[ENSEMBLE].predict(matrix), rtol=1e-12)
 
 
+def test_every_combination_of_candidates_competes_and_a_pair_round_trips(tmp_path):
+    matrix, columns = planted_matrix(seed=3)
+    outcome = train_candidates(matrix, columns)  # all three models
+    pairs = {"logistic_regression+hist_gradient_boosting", "logistic_regression+keras_mlp", "hist_gradient_boosting+keras_mlp"}
+    assert set(outcome.metrics) == {*training.MODELS, *pairs, ENSEMBLE}
+    assert outcome.chosen == min(outcome.metrics, key=lambda name: outcome.metrics[name]["log_loss"])
+    _, validation = split_of(matrix)
+    rows, rate = matrix[validation], outcome.models["logistic_regression"].train_positive_rate
+    for name in [*pairs, ENSEMBLE]:
+        members = name.split("+") if name != ENSEMBLE else list(training.MODELS)
+        mean = np.mean([outcome.models[member].predict(rows) for member in members], axis=0)
+        expected = summarise(rows["label"].to_numpy(), training.to_prior(mean, rate))["log_loss"]
+        assert outcome.metrics[name]["log_loss"] == pytest.approx(expected, rel=1e-9), name
+
+    pair = "hist_gradient_boosting+keras_mlp"
+    save_model(dataclasses.replace(outcome, chosen=pair), tmp_path)
+    assert json.loads((tmp_path / META_FILE).read_text())["members"] == ["hist_gradient_boosting", "keras_mlp"]
+    restored = load_model(tmp_path)
+    assert restored.name == ENSEMBLE and [member.name for member in restored.model] == pair.split("+")
+    np.testing.assert_allclose(restored.predict(matrix), outcome.models[pair].predict(matrix), rtol=1e-6)
+
+
 def test_refuses_a_matrix_without_both_classes_or_enough_rows():
     matrix, columns = planted_matrix(n_users=500)
     with pytest.raises(ValueError, match=r"has 0 positives for 500 users.*widen the horizon or wait for more data"):
@@ -421,7 +443,15 @@ def trained_job(tmp_path_factory):
 def test_train_job_writes_model_metrics_and_validation_predictions(trained_job):
     root, matrix, columns, result = trained_job
     metrics = json.loads((root / "output/data/metrics.json").read_text())
-    assert set(metrics["metrics"]) == {"logistic_regression", "hist_gradient_boosting", "keras_mlp", ENSEMBLE}
+    assert set(metrics["metrics"]) == {
+        "logistic_regression",
+        "hist_gradient_boosting",
+        "keras_mlp",
+        "logistic_regression+hist_gradient_boosting",
+        "logistic_regression+keras_mlp",
+        "hist_gradient_boosting+keras_mlp",
+        ENSEMBLE,
+    }
     assert metrics["chosen"] == min(metrics["metrics"], key=lambda name: metrics["metrics"][name]["log_loss"])
     assert metrics["n_train"] + metrics["n_validation"] == len(matrix)
     assert "validation:log_loss=" in result.stdout

@@ -6,6 +6,7 @@ scale: comparable by log-loss, and a sensible input for the calibrator.
 """
 
 import functools
+import itertools
 import json
 import logging
 import platform
@@ -32,9 +33,10 @@ log = logging.getLogger(__name__)
 
 KERAS_MLP = "keras_mlp"
 MODELS = ("logistic_regression", "hist_gradient_boosting", KERAS_MLP)
-# The mean of the fitted candidates' raw scores: a candidate like the others, chosen only when its validation
-# log-loss is the lowest. Averaging models that err differently is steadier than picking one of them on a validation
-# split of a few hundred users (docs/evaluation.md).
+# Means of the fitted candidates' raw scores are candidates like the others, chosen only when their validation
+# log-loss is the lowest. Averaging models that err differently is steadier than picking one of them (docs/
+# evaluation.md); every combination competes (ensemble selection), as a weak member drags an average down.
+# `ensemble` is the mean of them all, a mean of some is named by its members joined with "+".
 ENSEMBLE = "ensemble"
 # Share of the training users (by a keyed hash, all rows of a user together) the Keras candidate stops early on: the
 # validation users must stay unseen by every candidate, or the comparison favours the one that peeked.
@@ -231,7 +233,7 @@ class ScoringModel:
     """A fitted candidate with what it needs to score a matrix. Raw scores are the class-balanced model's
     probabilities: the calibrator, fitted on held-out users, is the one place that maps them to real probabilities."""
 
-    name: str
+    name: str  # one of MODELS, or ENSEMBLE for a mean of member ScoringModels (any combination of them)
     model: object
     feature_columns: list[str]
     train_positive_rate: float
@@ -296,8 +298,8 @@ def train_candidates(
     seed: int = SPLIT_SEED,
     tfrecord_path=None,
 ) -> TrainingOutcome:
-    """Fit each of ``models`` on the training users and choose the one with the lowest log-loss on the validation
-    users.
+    """Fit each of ``models`` on the training users and choose, among them and the means of every combination of two
+    or more of them, the one with the lowest log-loss on the validation users.
 
     A ``snapshot`` column (weeks back; 0 is the newest) marks a matrix that stacks several training cutoffs: see
     the split below.
@@ -357,11 +359,12 @@ def train_candidates(
         # as probabilities and not their shared rebalancing bias.
         metrics[name] = summarise(data.y_validation, to_prior(scores[name], positive_rate))
         log.info("candidate %s: %s", name, metrics[name])
-    if len(models) > 1:
-        fitted[ENSEMBLE] = ScoringModel(ENSEMBLE, [fitted[name] for name in models], feature_columns, positive_rate)
-        scores[ENSEMBLE] = np.mean([scores[name] for name in models], axis=0)
-        metrics[ENSEMBLE] = summarise(data.y_validation, to_prior(scores[ENSEMBLE], positive_rate))
-        log.info("candidate %s of %s: %s", ENSEMBLE, list(models), metrics[ENSEMBLE])
+    for names in _ensembles(models):
+        name = ENSEMBLE if len(names) == len(models) else "+".join(names)
+        fitted[name] = ScoringModel(ENSEMBLE, [fitted[member] for member in names], feature_columns, positive_rate)
+        scores[name] = np.mean([scores[member] for member in names], axis=0)
+        metrics[name] = summarise(data.y_validation, to_prior(scores[name], positive_rate))
+        log.info("candidate %s, the mean of %s: %s", name, list(names), metrics[name])
     chosen = min(metrics, key=lambda name: metrics[name]["log_loss"])
     newest_scores, newest_labels = scores[chosen][newest], data.y_validation[newest]
 
@@ -379,6 +382,11 @@ def train_candidates(
         n_calibration=int(calibration.sum()),
         positives=int(data.y_train.sum()),
     )
+
+
+def _ensembles(models) -> list[tuple[str, ...]]:
+    """Every combination of two or more of ``models``, in their order."""
+    return [names for size in range(2, len(models) + 1) for names in itertools.combinations(models, size)]
 
 
 def _versions(names: list[str]) -> dict:
@@ -437,4 +445,4 @@ def load_model(model_dir) -> ScoringModel:
     meta = model_meta(model_dir)
     columns, rate = meta["feature_columns"], meta["train_positive_rate"]
     members = [ScoringModel(name, _load_member(model_dir, name), columns, rate) for name in meta["members"]]
-    return ScoringModel(ENSEMBLE, members, columns, rate) if meta["chosen"] == ENSEMBLE else members[0]
+    return ScoringModel(ENSEMBLE, members, columns, rate) if len(members) > 1 else members[0]
