@@ -82,7 +82,8 @@ def promotion(storage, run: PredictionRun, metrics: dict) -> dict:
     kinds={"sagemaker", "scikitlearn", "tensorflow"},
     check_specs=[checks.PROMOTION_GATE],
     description="Logistic regression, gradient boosting and a Keras network trained on 80% of the training users "
-    "(class-rebalanced), and their average; the one with the best log-loss on the other 20% is kept, and promoted "
+    "(class-rebalanced), and the means of every two or three of them; the one with the best log-loss on the other "
+    "20% is kept, and promoted "
     "unless it is clearly worse than the model in force.",
 )
 def model(context: dg.AssetExecutionContext, storage: LocalStorage, sagemaker: LocalSageMaker) -> dg.MaterializeResult:

@@ -136,15 +136,17 @@ def prepare_events(cache: Path) -> Path:
 
 
 def comparison_table(results: dict[str, dict]) -> str:
-    header = f"{'horizon':<8} {'model':<32} " + " ".join(f"{name:>9}" for name in COLUMNS)
+    rows = [
+        (horizon, name, metrics)
+        for horizon, result in results.items()
+        for name, metrics in {f"project ({result['model']})": result, **result["baselines"]}.items()
+    ]
+    width = max([len("model"), *(len(name) for _, name, _ in rows)])
+    header = f"{'horizon':<8} {'model':<{width}} " + " ".join(f"{name:>9}" for name in COLUMNS)
     lines = [header, "-" * len(header)]
-    for horizon, result in results.items():
-        rows = {f"project ({result['model']})": result, **result["baselines"]}
-        for name, metrics in rows.items():
-            cells = " ".join(
-                f"{metrics[c]:>9,}" if isinstance(metrics[c], int) else f"{metrics[c]:>9.4f}" for c in COLUMNS
-            )
-            lines.append(f"{horizon:<8} {name:<32} {cells}")
+    for horizon, name, metrics in rows:
+        cells = " ".join(f"{metrics[c]:>9,}" if isinstance(metrics[c], int) else f"{metrics[c]:>9.4f}" for c in COLUMNS)
+        lines.append(f"{horizon:<8} {name:<{width}} {cells}")
     return "\n".join(lines)
 
 

@@ -138,7 +138,7 @@ def main(argv=None) -> int:
         transform_seconds, scored = {}, {}
         for name, model_dir in model_dirs.items():
             with t.step(f"transform_{name}", "LocalSageMaker.transform (entry-script subprocess)"):
-                with sagemaker.transform(f"transform-{name.replace('_', '-')}", model_dir, input_dir, lambda line: None) as out:
+                with sagemaker.transform(f"transform-{name.replace('_', '-').replace('+', '-and-')}", model_dir, input_dir, lambda line: None) as out:
                     scored[name] = pq.read_metadata(out / "scores.parquet").num_rows
             transform_seconds[name] = t[f"transform_{name}"]
             if scored[name] != args.rows:
@@ -200,8 +200,9 @@ def main(argv=None) -> int:
     print()
     print(f"P4 results ({args.rows:,} users x {len(columns)} features; machine load average at the end {c.machine().load}; "
           f"{c.code_state()})")
+    width = max(map(len, t))
     for name, seconds in t.items():
-        print(f"  {name:<36} {seconds:8.1f} s")
+        print(f"  {name:<{width}} {seconds:8.1f} s")
     print(f"  in-process breakdown for the chosen model ({chosen}):")
     for name, seconds in breakdown.items():
         print(f"    {name:<40} {seconds:8.1f} s")

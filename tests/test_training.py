@@ -40,6 +40,7 @@ from automl_assets.core.training import (
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 FAST_MODELS = ("logistic_regression", "hist_gradient_boosting")
+PAIRS = ("logistic_regression+hist_gradient_boosting", "logistic_regression+keras_mlp", "hist_gradient_boosting+keras_mlp")
 
 
 def planted_matrix(n_users: int = 3000, n_features: int = 12, seed: int = 0) -> tuple[pd.DataFrame, list[str]]:
@@ -296,14 +297,15 @@ def test_the_ensemble_averages_its_members_and_round_trips(planted, tmp_path):
 
 def test_every_combination_of_candidates_competes_and_a_pair_round_trips(tmp_path):
     matrix, columns = planted_matrix(seed=3)
-    outcome = train_candidates(matrix, columns)  # all three models
-    pairs = {"logistic_regression+hist_gradient_boosting", "logistic_regression+keras_mlp", "hist_gradient_boosting+keras_mlp"}
-    assert set(outcome.metrics) == {*training.MODELS, *pairs, ENSEMBLE}
+    # All three models, in another order and one twice: the candidates and their names do not depend on it.
+    outcome = train_candidates(matrix, columns, models=[*training.MODELS[::-1], "keras_mlp"])
+    assert set(outcome.metrics) == {*training.MODELS, *PAIRS, ENSEMBLE}
     assert outcome.chosen == min(outcome.metrics, key=lambda name: outcome.metrics[name]["log_loss"])
     _, validation = split_of(matrix)
     rows, rate = matrix[validation], outcome.models["logistic_regression"].train_positive_rate
-    for name in [*pairs, ENSEMBLE]:
+    for name in [*PAIRS, ENSEMBLE]:
         members = name.split("+") if name != ENSEMBLE else list(training.MODELS)
+        assert [member.name for member in outcome.models[name].model] == members
         mean = np.mean([outcome.models[member].predict(rows) for member in members], axis=0)
         expected = summarise(rows["label"].to_numpy(), training.to_prior(mean, rate))["log_loss"]
         assert outcome.metrics[name]["log_loss"] == pytest.approx(expected, rel=1e-9), name
@@ -443,15 +445,7 @@ def trained_job(tmp_path_factory):
 def test_train_job_writes_model_metrics_and_validation_predictions(trained_job):
     root, matrix, columns, result = trained_job
     metrics = json.loads((root / "output/data/metrics.json").read_text())
-    assert set(metrics["metrics"]) == {
-        "logistic_regression",
-        "hist_gradient_boosting",
-        "keras_mlp",
-        "logistic_regression+hist_gradient_boosting",
-        "logistic_regression+keras_mlp",
-        "hist_gradient_boosting+keras_mlp",
-        ENSEMBLE,
-    }
+    assert set(metrics["metrics"]) == {*training.MODELS, *PAIRS, ENSEMBLE}
     assert metrics["chosen"] == min(metrics["metrics"], key=lambda name: metrics["metrics"][name]["log_loss"])
     assert metrics["n_train"] + metrics["n_validation"] == len(matrix)
     assert "validation:log_loss=" in result.stdout

@@ -313,6 +313,8 @@ def train_candidates(
     unknown = sorted(set(models) - set(CANDIDATES))
     if unknown or not models:
         raise ValueError(f"unknown or no models {unknown or list(models)}; choose from {list(CANDIDATES)}")
+    # Each once and in one order, so that a mean of candidates has the same name whatever order a spec lists them in.
+    models = [name for name in CANDIDATES if name in models]
     missing = [column for column in ("user_id", "label", *feature_columns) if column not in matrix.columns]
     if missing:
         raise ValueError(f"the training matrix lacks columns {missing}")
@@ -409,7 +411,7 @@ def _members(scoring: ScoringModel) -> list[ScoringModel]:
 
 def save_model(outcome: TrainingOutcome, model_dir) -> None:
     """Write the chosen model into ``model_dir``: one file per model it is made of (``<name>.joblib`` or
-    ``<name>.keras``; several for the ensemble) and ``model_meta.json``."""
+    ``<name>.keras``; one per member for a mean of candidates) and ``model_meta.json``."""
     model_dir = Path(model_dir)
     model_dir.mkdir(parents=True, exist_ok=True)
     scoring = outcome.models[outcome.chosen]
