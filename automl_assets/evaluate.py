@@ -35,7 +35,7 @@ from sklearn.preprocessing import FunctionTransformer, StandardScaler
 from automl_assets.core import event_store, layout
 from automl_assets.core.feature_sql import label_query
 from automl_assets.core.ingest import ColumnMapping, detect_format, read_events
-from automl_assets.core.metrics import summarise
+from automl_assets.core.metrics import auc_difference, summarise
 from automl_assets.core.spec import Outcome, PredictionSpec
 from automl_assets.core.timewin import (
     HOUR,
@@ -277,6 +277,7 @@ def evaluate(
         positives = _observed(resources, spec.outcome, test_window)
 
     y = scored["user_id"].isin(positives).to_numpy(int)
+    score = scored["score"].to_numpy(float)
     train_rate = float(train["label"].mean())
     outcomes = outcome_events(events, spec.outcome)
     rfm = rfm_baseline(outcomes, train, times.train_cutoff, scored["user_id"], times.as_of, spec.lookback)
@@ -284,7 +285,7 @@ def evaluate(
     back = lambda moment: (moment - shift).isoformat()  # noqa: E731
     return _report(
         y,
-        scored["score"].to_numpy(float),
+        score,
         len(train),
         model=chosen,
         prediction=spec.name,
@@ -295,6 +296,8 @@ def evaluate(
         train_label_window=[back(times.label_start), back(times.label_end)],
         test_window=[back(test_window[0]), back(test_window[1])],
         time_shift_weeks=shift // WEEK,
+        # Whether a win over the RFM regression is more than the test users' noise: both score the same users.
+        auc_minus_rfm=auc_difference(y, score, rfm) if 0 < y.sum() < len(y) else None,
         baselines={
             "rfm_logistic_regression": _report(y, rfm, len(train)),
             "constant": _report(y, np.full(len(y), train_rate), len(train)),

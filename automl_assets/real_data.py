@@ -147,6 +147,12 @@ def comparison_table(results: dict[str, dict]) -> str:
     for horizon, name, metrics in rows:
         cells = " ".join(f"{metrics[c]:>9,}" if isinstance(metrics[c], int) else f"{metrics[c]:>9.4f}" for c in COLUMNS)
         lines.append(f"{horizon:<8} {name:<{width}} {cells}")
+    for horizon, result in results.items():
+        if gain := result.get("auc_minus_rfm"):
+            lines.append(
+                f"{horizon}: project - RFM AUC {gain['difference']:+.4f}, 95% interval [{gain['low']:+.4f}, "
+                f"{gain['high']:+.4f}] (DeLong, paired on the same users)"
+            )
     return "\n".join(lines)
 
 

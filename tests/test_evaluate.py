@@ -47,7 +47,11 @@ def test_backtest_reports_sane_out_of_time_metrics(backtest):
     assert 0.02 < result["pos_rate"] < 0.5 and 0 <= result["ece"] < 0.1
     constant = result["baselines"]["constant"]
     assert result["log_loss"] < constant["log_loss"] and result["brier"] < constant["brier"]
-    assert result["baselines"]["rfm_logistic_regression"]["n_test"] == result["n_test"]
+    rfm = result["baselines"]["rfm_logistic_regression"]
+    assert rfm["n_test"] == result["n_test"]
+    gain = result["auc_minus_rfm"]  # DeLong's paired interval (its arithmetic: tests/test_metrics_calibration.py)
+    assert gain["difference"] == pytest.approx(result["auc"] - rfm["auc"], abs=1e-12)
+    assert gain["low"] < gain["difference"] < gain["high"] and 0 < gain["standard_error"] < 0.05
 
 
 def test_backtest_windows_are_in_the_data_time_and_the_shift_is_whole_weeks(backtest):

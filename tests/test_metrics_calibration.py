@@ -8,6 +8,7 @@ from scipy.special import expit, logit
 from automl_assets.core.calibration import Calibrator, fit_calibrator
 from automl_assets.core.metrics import (
     auc,
+    auc_difference,
     brier,
     expected_calibration_error,
     log_loss,
@@ -28,6 +29,37 @@ def test_auc_is_nan_for_a_single_class_and_exact_otherwise():
     assert math.isnan(auc([0, 0, 0], [0.1, 0.5, 0.9]))
     assert auc([0, 0, 1, 1], [0.1, 0.2, 0.8, 0.9]) == 1.0
     assert auc([0, 1, 0, 1], [0.1, 0.2, 0.3, 0.4]) == 0.75
+
+
+def delong_by_definition(y, p, q):
+    """DeLong's paired test from its definition: every (positive, negative) pair, ties counting half."""
+
+    def components(score):
+        positive, negative = score[y == 1][:, None], score[y == 0][None, :]
+        wins = (positive > negative) + 0.5 * (positive == negative)
+        return wins.mean(axis=1), wins.mean(axis=0)  # per positive, per negative
+
+    (p_positive, p_negative), (q_positive, q_negative) = components(p), components(q)
+    variance = np.var(p_positive - q_positive, ddof=1) / len(p_positive) + np.var(p_negative - q_negative, ddof=1) / len(
+        p_negative
+    )
+    return p_positive.mean() - q_positive.mean(), math.sqrt(variance)
+
+
+def test_auc_difference_is_delongs_paired_test():
+    rng = np.random.default_rng(4)
+    y = (rng.random(300) < 0.3).astype(int)
+    p = np.round(y + rng.normal(size=300), 1)  # rounded: ties within and across classes
+    q = np.round(0.5 * y + rng.normal(size=300), 1)
+    result = auc_difference(y, p, q)
+    difference, error = delong_by_definition(y, p, q)
+    assert result["difference"] == pytest.approx(auc(y, p) - auc(y, q), abs=1e-12)
+    assert result["difference"] == pytest.approx(difference, abs=1e-12)
+    assert result["standard_error"] == pytest.approx(error, rel=1e-9)
+    assert result["low"] == pytest.approx(difference - 1.96 * error) and result["high"] == pytest.approx(difference + 1.96 * error)
+    assert auc_difference(y, p, p) == {"difference": 0.0, "standard_error": 0.0, "low": 0.0, "high": 0.0}
+    with pytest.raises(ValueError, match="both classes"):
+        auc_difference(np.zeros(5), p[:5], q[:5])
 
 
 def test_log_loss_clips_and_brier_is_the_mean_squared_error():

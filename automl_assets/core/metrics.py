@@ -29,6 +29,33 @@ def auc(y, p) -> float:
     return float(roc_auc_score(y, p))
 
 
+def auc_difference(y, p, q, z: float = 1.96) -> dict:
+    """AUC of ``p`` minus AUC of ``q`` on the same labels, with DeLong's paired standard error and the interval of
+    ``z`` standard errors around it (1.96: 95%). Exact in one sort per model (Sun and Xu's midrank form), so it stays
+    cheap on a million users where a bootstrap would sort a thousand times."""
+    from scipy.stats import rankdata
+
+    y, p = _arrays(y, p)
+    q = _arrays(y, q)[1]
+    positive = y == 1
+    m, n = int(positive.sum()), int((~positive).sum())
+    if m == 0 or n == 0:
+        raise ValueError("an AUC difference needs both classes among the labels")
+    scores = np.stack([p, q])
+    combined = np.concatenate([scores[:, positive], scores[:, ~positive]], axis=1)
+    ranks = rankdata(combined, axis=1)  # midranks: ties count half, as in the AUC
+    within_positives = rankdata(combined[:, :m], axis=1)
+    within_negatives = rankdata(combined[:, m:], axis=1)
+    aucs = ranks[:, :m].sum(axis=1) / (m * n) - (m + 1) / (2 * n)
+    # Per positive, the share of negatives it outranks; per negative, the share of positives that outrank it.
+    v_positive = (ranks[:, :m] - within_positives) / n
+    v_negative = 1 - (ranks[:, m:] - within_negatives) / m
+    contrast = np.array([1.0, -1.0])
+    variance = contrast @ np.cov(v_positive) @ contrast / m + contrast @ np.cov(v_negative) @ contrast / n
+    difference, error = float(aucs[0] - aucs[1]), float(np.sqrt(max(variance, 0.0)))
+    return {"difference": difference, "standard_error": error, "low": difference - z * error, "high": difference + z * error}
+
+
 def log_loss(y, p) -> float:
     y, p = _arrays(y, p)
     p = np.clip(p, LOG_LOSS_EPS, 1 - LOG_LOSS_EPS)
