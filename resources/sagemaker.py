@@ -32,7 +32,7 @@ from resources.storage import file_lock
 
 ENTRY_MODULE = "automl_assets.core.sagemaker_entry"
 PARQUET = "application/x-parquet"
-DEPLOY_TIMEOUT_SECONDS = 120  # loading a model with a Keras member imports TensorFlow: seconds, not minutes
+DEPLOY_TIMEOUT_SECONDS = 120  # loading a model imports scikit-learn and LiteRT: seconds, not minutes
 INVOKE_TIMEOUT_SECONDS = 300
 
 

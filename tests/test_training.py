@@ -382,12 +382,38 @@ def test_keras_mlp_trains_from_the_tfrecord_stream(keras_from_tfrecord):
     assert abs(at_prior.mean() - matrix["label"].mean()) < 0.05
 
 
-def test_keras_model_round_trip(keras_from_tfrecord, tmp_path):
+def test_keras_model_round_trip_scores_without_tensorflow(keras_from_tfrecord, tmp_path):
     matrix, columns, path, outcome = keras_from_tfrecord
     save_model(outcome, tmp_path)
-    assert (tmp_path / "keras_mlp.keras").exists()
-    assert {"tensorflow", "keras"} <= set(json.loads((tmp_path / META_FILE).read_text())["versions"])
-    np.testing.assert_allclose(load_model(tmp_path).predict(matrix), outcome.models["keras_mlp"].predict(matrix), rtol=1e-6)
+    assert (tmp_path / "keras_mlp.tflite").exists()
+    assert {"tensorflow", "keras", "ai-edge-litert"} <= set(json.loads((tmp_path / META_FILE).read_text())["versions"])
+    np.testing.assert_array_equal(load_model(tmp_path).predict(matrix), outcome.models["keras_mlp"].predict(matrix))
+    # A scoring process (transform, endpoint) loads and runs the network without importing TensorFlow.
+    matrix.to_parquet(tmp_path / "matrix.parquet")
+    script = (
+        "import sys, pandas as pd; from automl_assets.core.training import load_model; "
+        f"scores = load_model({str(tmp_path)!r}).predict(pd.read_parquet({str(tmp_path / 'matrix.parquet')!r})); "
+        "assert 'tensorflow' not in sys.modules and 'keras' not in sys.modules, 'TensorFlow was imported'; "
+        "print(len(scores))"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=PROJECT_ROOT)
+    assert result.returncode == 0 and result.stdout.strip() == str(len(matrix)), result.stderr
+    (tmp_path / "keras_mlp.tflite").rename(tmp_path / "keras_mlp.keras")  # as an earlier version saved it
+    with pytest.raises(FileNotFoundError, match=r"keras_mlp.keras, saved before .* retrain it"):
+        load_model(tmp_path)
+
+
+def test_the_lite_network_scores_as_keras_does_in_any_batch():
+    import keras
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(1000, 12)).astype(np.float32)
+    network = keras.Sequential([keras.Input((12,)), keras.layers.Dense(8, activation="relu"), keras.layers.Dense(1, activation="sigmoid")])
+    lite = training.LiteNetwork.from_keras(network)
+    whole = lite.predict(X)
+    np.testing.assert_allclose(whole, network.predict_on_batch(X)[:, 0], rtol=1e-5, atol=1e-6)
+    in_batches = np.concatenate([lite.predict(X[start : start + 7]) for start in range(0, len(X), 7)])
+    np.testing.assert_array_equal(in_batches, whole)  # a user's score does not depend on who shares the batch
 
 
 def test_tfrecord_of_another_matrix_is_refused(keras_from_tfrecord, tmp_path):
@@ -453,7 +479,7 @@ def test_train_job_writes_model_metrics_and_validation_predictions(trained_job):
     meta = json.loads((root / "model" / META_FILE).read_text())
     assert meta["feature_columns"] == columns and meta["chosen"] == metrics["chosen"]
     for name in meta["members"]:
-        assert (root / "model" / (f"{name}.keras" if name == "keras_mlp" else f"{name}.joblib")).exists()
+        assert (root / "model" / (f"{name}.tflite" if name == "keras_mlp" else f"{name}.joblib")).exists()
 
     predictions = pd.read_parquet(root / "output/data/validation_predictions.parquet")
     assert list(predictions.columns) == ["user_id", "raw_score", "label"]

@@ -75,7 +75,7 @@ HYPERPARAMETERS = {
     "max_training_users": int,
     "seed": int,
 }
-TRANSFORM_BATCH_ROWS = PREDICT_BATCH_SIZE  # one Keras call per batch
+TRANSFORM_BATCH_ROWS = PREDICT_BATCH_SIZE  # one network call per batch
 # Batches a transform reads ahead of the model: 0.64 GB of float32 features at 400 columns.
 READ_AHEAD = 4
 SCORES_SCHEMA = pa.schema([("user_id", pa.string()), ("raw_score", pa.float64())])
@@ -178,7 +178,7 @@ def transform() -> None:
     with ThreadPoolExecutor(1) as reader, pq.ParquetWriter(output / "scores.parquet", SCORES_SCHEMA) as writer:
         try:
             batches = _feature_batches(reader, files, model_meta(model_dir)["feature_columns"])
-            model = model_fn(model_dir)  # while the first batches are read: TensorFlow alone takes seconds to import
+            model = model_fn(model_dir)  # while the first batches are read: scikit-learn alone takes a second to import
             for user_ids, X in batches:
                 scores = pa.array(model.predict_matrix(X), pa.float64())
                 writer.write_batch(pa.RecordBatch.from_arrays([user_ids.cast(pa.string()), scores], schema=SCORES_SCHEMA))
@@ -246,7 +246,7 @@ class _EndpointServer(ThreadingHTTPServer):
 
 def serve() -> None:
     model = model_fn(_sm_path("SM_MODEL_DIR", "model"))
-    # One prediction before /ping answers: the models' first call initialises lazily (thread pools, Keras' graph).
+    # One prediction before /ping answers: the models' first call initialises lazily (thread pools, the network's tensors).
     predict_fn(pd.DataFrame({"user_id": ["warm-up"], **{column: [0.0] for column in model.feature_columns}}), model)
     address = (os.environ.get("AUTOML_SERVE_HOST", "0.0.0.0"), int(os.environ.get("SAGEMAKER_BIND_TO_PORT", SERVE_PORT)))
     idle_seconds = float(os.environ.get("AUTOML_SERVE_IDLE_SECONDS", 0))
@@ -318,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     status = main()
-    # Nothing is left to collect: spare the interpreter's final collections, which walk TensorFlow's objects (0.7 s
-    # of a 9 s transform).
+    # Nothing is left to collect: spare the interpreter's final collections, which walk every object a job created
+    # (0.7 s for TensorFlow's, when a transform still imported it).
     gc.freeze()
     sys.exit(status)

@@ -5,11 +5,15 @@ outputs are mapped back to the training prior, so that the raw scores of all can
 scale: comparable by log-loss, and a sensible input for the calibrator.
 """
 
+import contextlib
 import functools
+import io
 import itertools
 import json
 import logging
+import os
 import platform
+from importlib.metadata import version
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -214,7 +218,39 @@ def _fit_keras_mlp(data: _TrainingData):
         callbacks=[keras.callbacks.EarlyStopping(patience=2, restore_best_weights=True)],
         verbose=0,
     )
-    return model
+    return LiteNetwork.from_keras(model)
+
+
+class LiteNetwork:
+    """The fitted Keras network as a LiteRT (TensorFlow Lite) flatbuffer, which is what scores it everywhere: held-out
+    users, transforms and endpoints. LiteRT imports in about 0.2 s where TensorFlow takes 2.6 s, a fixed cost of
+    every transform and endpoint start; its outputs match Keras' within float32 rounding and do not depend on the
+    batch a row is scored in."""
+
+    def __init__(self, flatbuffer: bytes):
+        from ai_edge_litert.interpreter import Interpreter
+
+        self.flatbuffer = flatbuffer
+        self._interpreter = Interpreter(model_content=flatbuffer, num_threads=len(os.sched_getaffinity(0)))
+        self._input = self._interpreter.get_input_details()[0]["index"]
+        self._output = self._interpreter.get_output_details()[0]["index"]
+        self._rows = None
+
+    @classmethod
+    def from_keras(cls, model) -> "LiteNetwork":
+        tf = import_tensorflow()
+        with contextlib.redirect_stdout(io.StringIO()):  # the conversion prints the exported signature
+            return cls(tf.lite.TFLiteConverter.from_keras_model(model).convert())
+
+    def predict(self, X: np.ndarray) -> np.ndarray:
+        """Probabilities of the positive class for the rows of ``X`` (float32, row-major, already signed_log1p'd)."""
+        if len(X) != self._rows:  # the input's batch dimension is fixed per allocation
+            self._interpreter.resize_tensor_input(self._input, X.shape)
+            self._interpreter.allocate_tensors()
+            self._rows = len(X)
+        self._interpreter.set_tensor(self._input, X)
+        self._interpreter.invoke()
+        return self._interpreter.get_tensor(self._output)[:, 0].copy()
 
 
 CANDIDATES = {
@@ -225,7 +261,7 @@ CANDIDATES = {
 
 
 def _model_file(name: str) -> str:
-    return f"{name}.keras" if name == KERAS_MLP else f"{name}.joblib"
+    return f"{name}.tflite" if name == KERAS_MLP else f"{name}.joblib"
 
 
 @dataclass
@@ -249,13 +285,9 @@ class ScoringModel:
             return np.empty(0)
         if self.name == ENSEMBLE:  # self.model: the member ScoringModels
             return np.mean([member.predict_matrix(X) for member in self.model], axis=0)
-        if self.name == KERAS_MLP:
-            # predict_on_batch: Keras' predict() sets up a dataset and callbacks per call, which costs more than
-            # the network itself for a batch of a transform or an endpoint request.
+        if self.name == KERAS_MLP:  # self.model: a LiteNetwork
             chunks = (X[start : start + PREDICT_BATCH_SIZE] for start in range(0, len(X), PREDICT_BATCH_SIZE))
-            balanced = np.concatenate(
-                [self.model.predict_on_batch(signed_log1p(np.ascontiguousarray(chunk)))[:, 0] for chunk in chunks]
-            )
+            balanced = np.concatenate([self.model.predict(signed_log1p(np.ascontiguousarray(chunk))) for chunk in chunks])
         else:
             balanced = self.model.predict_proba(X)[:, 1]
         return balanced.astype(np.float64)
@@ -401,7 +433,10 @@ def _versions(names: list[str]) -> dict:
     if KERAS_MLP in names:
         import keras
 
-        versions.update(tensorflow=import_tensorflow().__version__, keras=keras.__version__)
+        # Trained with TensorFlow and Keras, scored with LiteRT.
+        versions.update(
+            tensorflow=import_tensorflow().__version__, keras=keras.__version__, **{"ai-edge-litert": version("ai-edge-litert")}
+        )
     return versions
 
 
@@ -411,7 +446,7 @@ def _members(scoring: ScoringModel) -> list[ScoringModel]:
 
 def save_model(outcome: TrainingOutcome, model_dir) -> None:
     """Write the chosen model into ``model_dir``: one file per model it is made of (``<name>.joblib`` or
-    ``<name>.keras``; one per member for a mean of candidates) and ``model_meta.json``."""
+    ``<name>.tflite``; one per member for a mean of candidates) and ``model_meta.json``."""
     model_dir = Path(model_dir)
     model_dir.mkdir(parents=True, exist_ok=True)
     scoring = outcome.models[outcome.chosen]
@@ -419,7 +454,7 @@ def save_model(outcome: TrainingOutcome, model_dir) -> None:
     for member in members:
         path = model_dir / _model_file(member.name)
         if member.name == KERAS_MLP:
-            member.model.save(path)
+            path.write_bytes(member.model.flatbuffer)
         else:
             joblib.dump(member.model, path)
     names = [member.name for member in members]
@@ -429,12 +464,14 @@ def save_model(outcome: TrainingOutcome, model_dir) -> None:
 
 def _load_member(model_dir: Path, name: str):
     path = model_dir / _model_file(name)
-    if name == KERAS_MLP:
-        import_tensorflow()
-        import keras
-
-        return keras.models.load_model(path)
-    return joblib.load(path)
+    if name != KERAS_MLP:
+        return joblib.load(path)
+    if not path.exists() and path.with_suffix(".keras").exists():
+        raise FileNotFoundError(
+            f"{model_dir} holds the network as keras_mlp.keras, saved before networks were scored with LiteRT: "
+            "retrain it (materialise `model` for its partition)"
+        )
+    return LiteNetwork(path.read_bytes())
 
 
 def model_meta(model_dir) -> dict:
