@@ -5,7 +5,6 @@ outputs are mapped back to the training prior, so that the raw scores of all can
 scale: comparable by log-loss, and a sensible input for the calibrator.
 """
 
-import contextlib
 import functools
 import io
 import itertools
@@ -13,9 +12,9 @@ import json
 import logging
 import os
 import platform
-from importlib.metadata import version
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stdout
 from dataclasses import dataclass
+from importlib.metadata import version
 from pathlib import Path
 
 import joblib
@@ -239,11 +238,12 @@ class LiteNetwork:
     @classmethod
     def from_keras(cls, model) -> "LiteNetwork":
         tf = import_tensorflow()
-        with contextlib.redirect_stdout(io.StringIO()):  # the conversion prints the exported signature
+        with redirect_stdout(io.StringIO()):  # the conversion prints the exported signature
             return cls(tf.lite.TFLiteConverter.from_keras_model(model).convert())
 
     def predict(self, X: np.ndarray) -> np.ndarray:
-        """Probabilities of the positive class for the rows of ``X`` (float32, row-major, already signed_log1p'd)."""
+        """Probabilities of the positive class for the rows of ``X`` (already signed_log1p'd)."""
+        X = np.ascontiguousarray(X, dtype=np.float32)  # what the network takes; a no-op for feature_array's rows
         if len(X) != self._rows:  # the input's batch dimension is fixed per allocation
             self._interpreter.resize_tensor_input(self._input, X.shape)
             self._interpreter.allocate_tensors()
