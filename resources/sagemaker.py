@@ -32,6 +32,7 @@ from resources.storage import file_lock
 
 ENTRY_MODULE = "automl_assets.core.sagemaker_entry"
 PARQUET = "application/x-parquet"
+PING_ATTEMPTS = 3
 DEPLOY_TIMEOUT_SECONDS = 120  # loading a model imports scikit-learn and LiteRT: seconds, not minutes
 INVOKE_TIMEOUT_SECONDS = 300
 
@@ -69,12 +70,18 @@ def _exited(pid: int) -> bool:
         return _process_start(pid) is None
 
 
-def _answers_ping(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{url}/ping", timeout=2) as response:
-            return response.status == 200
-    except OSError:
-        return False
+def _answers_ping(url: str, attempts: int = 1) -> bool:
+    """Whether /ping answers 200 within 2 s, trying `attempts` times while it times out. An endpoint serves one request
+    at a time, so a ping can wait behind another run's request or a busy machine; one that refuses the connection is
+    not tried again."""
+    for _ in range(attempts):
+        try:
+            with urllib.request.urlopen(f"{url}/ping", timeout=2) as response:
+                return response.status == 200
+        except OSError as error:  # urllib wraps a connect timeout in URLError, not a read timeout
+            if not isinstance(getattr(error, "reason", error), TimeoutError):
+                return False
+    return False
 
 
 def _model_version(model_dir: Path) -> str:
@@ -214,7 +221,9 @@ class LocalSageMaker(dg.ConfigurableResource):
     def describe_endpoint(self, name: str) -> Endpoint | None:
         """The endpoint of that name if it is up (its process runs and answers /ping), else None."""
         endpoint = self._state(name)
-        return endpoint if endpoint and _answers_ping(endpoint.url) else None
+        # An endpoint is declared down, and replaced by the next deploy, only after PING_ATTEMPTS pings in a row
+        # time out: replacing a busy one would fail the run whose request it is serving.
+        return endpoint if endpoint and _answers_ping(endpoint.url, PING_ATTEMPTS) else None
 
     def deploy(self, name: str, model_dir: Path, log: Callable[[str], None]) -> Endpoint:
         """The endpoint `name` serving `model_dir`: the running one when it already serves that model as it is on disk,

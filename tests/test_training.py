@@ -601,7 +601,11 @@ def test_endpoint_that_hangs_is_still_stopped_and_a_recycled_pid_is_left_alone(t
         hung = sagemaker.deploy("hung", trained_job[0] / "model", print)
         spawned.append(hung.pid)
         os.kill(hung.pid, signal.SIGSTOP)
-        assert sagemaker.describe_endpoint("hung") is None  # does not answer /ping
+        # Paused for longer than one ping's timeout, then back: a slow ping does not make it look down.
+        threading.Timer(2.5, os.kill, (hung.pid, signal.SIGCONT)).start()
+        assert sagemaker.describe_endpoint("hung") == hung
+        os.kill(hung.pid, signal.SIGSTOP)
+        assert sagemaker.describe_endpoint("hung") is None  # does not answer /ping, three times in a row
         assert sagemaker.delete_endpoint("hung")
         with pytest.raises(ProcessLookupError):
             os.kill(hung.pid, 0)
