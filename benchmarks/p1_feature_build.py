@@ -180,6 +180,7 @@ def main(argv=None) -> int:
             engine = None
             try:
                 storage.remove("rollups")
+                storage.remove("rollups_daily")
                 with t.step(f"{name}_start", f"the project's {name} engine (embedded, default settings)"):
                     engine = c.make_engine(name)
                 with t.step(f"{name}_cold", f"{name}: feature_query ({len(query.columns)} columns) on a store without rollups: the rollup views compute them from the events, to parquet"):

@@ -108,6 +108,7 @@ def main(argv=None) -> int:
         import pyarrow.parquet as pq
 
         from automl_assets.core import event_store, layout
+        from automl_assets.core.engines import remove_rollups
         from automl_assets.core.feature_sql import Taxonomy, cohort_query, feature_query
         from automl_assets.core.spark_jobs import existing_hour_paths
         from automl_assets.core.timewin import epoch_hour, hours_between
@@ -135,8 +136,7 @@ def main(argv=None) -> int:
         for name in engines:
             # Every engine refreshes the same state: the new hour is not in the store yet.
             storage.remove(*layout.events_hour(hour)[:-1])
-            for kind in layout.ROLLUP_KINDS:
-                storage.remove(*layout.rollup_hour(kind, hour))
+            remove_rollups(storage, [hour])
             c.log(f"[{name}] refreshing hour {hour.isoformat()}: {new_hour.num_rows:,} new events of {new_users:,} users")
             with t.step(f"{name}_start", f"the project's {name} engine (a fresh process would pay this every hour)"):
                 engine = c.make_engine(name)

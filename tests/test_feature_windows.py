@@ -84,8 +84,7 @@ def test_cohort_and_the_hourly_scoring_set(boundary_store, engine):
 
 def test_both_engines_build_identical_rollups_and_features(tmp_path, spark_session):
     """One definition, two engines: DuckDB and Spark agree to the row on rollups, features, labels and cohorts."""
-    from automl_assets.core import layout
-    from automl_assets.core.engines import DuckDBEngine, SparkEngine
+    from automl_assets.core.engines import DuckDBEngine, SparkEngine, remove_rollups
     from automl_assets.core.event_store import write_events
     from automl_assets.core.feature_sql import EventProperty
     from automl_assets.core.synthetic import SyntheticConfig, generate_table
@@ -108,7 +107,7 @@ def test_both_engines_build_identical_rollups_and_features(tmp_path, spark_sessi
         engine.build_rollups(store, hours)
         rollups = {
             str(path.relative_to(store.base)): pd.read_parquet(path)
-            for path in sorted(store.base.glob("rollups/*/hour=*/*.parquet"))
+            for path in sorted([*store.base.glob("rollups/*/hour=*/*.parquet"), *store.base.glob("rollups_daily/*/day=*/*.parquet")])
         }
         engine.register_rollups(store, hours)
         engine.register_events(store, hours[-168:])
@@ -129,9 +128,7 @@ def test_both_engines_build_identical_rollups_and_features(tmp_path, spark_sessi
                 cohort[cohort["active_last_hour"] == 1].sort_values("user_id").reset_index(drop=True),
             )
         # A cold start: hours not rolled up yet are computed from their events by the same rollup definitions.
-        for hour in hours[::3]:
-            for kind in layout.ROLLUP_KINDS:
-                store.remove(*layout.rollup_hour(kind, hour))
+        remove_rollups(store, hours[::3])
         engine.register_rollups(store, hours)
         by_user = lambda frame: frame.sort_values("user_id").reset_index(drop=True)  # noqa: E731
         pd.testing.assert_frame_equal(
@@ -147,3 +144,58 @@ def test_both_engines_build_identical_rollups_and_features(tmp_path, spark_sessi
         pd.testing.assert_frame_equal(
             d.sort_values("user_id").reset_index(drop=True), s.sort_values("user_id").reset_index(drop=True)[d.columns], check_dtype=False
         )
+
+
+def test_whole_days_are_read_from_day_files_that_follow_every_rebuild(storage, engine):
+    """A whole UTC day of rollups is also kept as one file, which the views read instead of its 24 hourly files; a
+    rebuilt hour removes its day's file, and the day's last hour rolled up on its own rebuilds it from the hourly
+    files. Features are the same either way."""
+    from automl_assets.core import layout
+    from automl_assets.core.spark_jobs import existing_hour_paths, rollup_paths
+    from automl_assets.core.synthetic import SyntheticConfig, generate_table
+
+    end = utc(2026, 3, 2)
+    hours = hours_between(end - timedelta(days=3), end)
+    day1, day2, day3 = (end - timedelta(days=d) for d in (3, 2, 1))
+    write_events(storage, generate_table(SyntheticConfig(n_users=150, end=end, weeks=1, seed=3)))
+    taxonomy = Taxonomy(events=("page_view", "purchase"), user_properties=(UserProperty("plan", ("free", "pro")),), weeks=1)
+
+    def features() -> pd.DataFrame:
+        engine.register_rollups(storage, hours)
+        return features_as_of(engine, taxonomy, end).sort_index()
+
+    def day_files(kind="counts") -> list[str]:
+        return storage.list_dir(*layout.rollup_days_root(kind))
+
+    def day_equals_its_hours(day) -> None:
+        for kind in layout.ROLLUP_KINDS:
+            day_table = pd.read_parquet(storage.path(*layout.rollup_day(kind, day), "part-0.parquet"))
+            hour_files = existing_hour_paths(storage, layout.rollup_root(kind), hours_between(day, day + timedelta(days=1)), ("part-0.parquet",))
+            hourly = pd.concat(pd.read_parquet(path) for path in hour_files)
+            pd.testing.assert_frame_equal(day_table.reset_index(drop=True), hourly.reset_index(drop=True), obj=kind)
+
+    # Day 1 from its 6th hour: it ends within the build, so its file is made from the hourly files written before.
+    engine.build_rollups(storage, hours[:5])
+    assert day_files() == []
+    engine.build_rollups(storage, hours[5:])
+    assert day_files() == [f"day={d:%Y-%m-%d}" for d in (day1, day2, day3)]
+    for day in (day1, day2, day3):
+        day_equals_its_hours(day)
+    assert len(rollup_paths(storage, "counts", hours)) == 3
+    day1_hours = [h for h in hours[1:24] if storage.exists(*layout.rollup_hour("counts", h))]
+    assert len(rollup_paths(storage, "counts", hours[1:])) == len(day1_hours) + 2 > 3  # a part of a day reads its hours
+    with_days = features()
+
+    # Late events in day 2: rebuilding their hour drops day 2's file until the day's last hour is rolled up again.
+    late = events_table([{"user_id": "late", "event_type": "purchase", "event_time": day2 + timedelta(hours=7, minutes=5),
+                          "user_properties": {"plan": "pro"}}])
+    write_events(storage, late)
+    engine.build_rollups(storage, [day2 + timedelta(hours=7)])
+    assert day_files() == [f"day={d:%Y-%m-%d}" for d in (day1, day3)]
+    from_hours = features()
+    assert from_hours.loc["late", "f__purchase__w1"] == 1
+    pd.testing.assert_frame_equal(from_hours.drop(index="late"), with_days)
+    engine.build_rollups(storage, [day2 + timedelta(hours=23)])
+    assert day_files() == [f"day={d:%Y-%m-%d}" for d in (day1, day2, day3)]
+    day_equals_its_hours(day2)
+    pd.testing.assert_frame_equal(features(), from_hours)

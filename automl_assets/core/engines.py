@@ -11,9 +11,10 @@ from datetime import datetime
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from automl_assets.core import layout, spark_jobs
-from automl_assets.core.timewin import from_epoch_hour
+from automl_assets.core.timewin import DAY, HOUR, HOURS_PER_DAY, day_start, from_epoch_hour, hours_between, hours_by_day
 
 _DUCKDB_TYPES = {"string": "VARCHAR", "long": "BIGINT", "double": "DOUBLE", "timestamp": "TIMESTAMPTZ", "map": "MAP(VARCHAR, VARCHAR)"}
 
@@ -38,9 +39,9 @@ _ROLLUP_ORDER = {
     "props": ("user_id", "event_type", "prop_key", "prop_value"),
     "users": ("user_id", "prop_key"),
 }
-# A range of hours is rolled up a week at a time: one query per kind and week, so what comes back to Python (and, on
-# Spark, to the driver) stays the size of a week whatever the backfill.
-ROLLUP_CHUNK_HOURS = 168
+# A range of hours is rolled up a week of UTC days at a time: one query per kind and week, so what comes back to
+# Python (and, on Spark, to the driver) stays the size of a week whatever the backfill.
+ROLLUP_CHUNK_DAYS = 7
 
 
 def _ordered(kind: str, sql: str) -> str:
@@ -53,20 +54,57 @@ def _sorted(kind: str, table: pa.Table) -> pa.Table:
     return table.sort_by([(column, "ascending") for column in ("hour_idx", *_ROLLUP_ORDER[kind])])
 
 
-def write_rollups(storage, kind: str, table: pa.Table) -> int:
-    """One file per hour and kind, from rows sorted by hour_idx (then the group keys), whatever engine made them."""
+def _runs(keys: np.ndarray) -> list[tuple[int, int]]:
+    """(start, length) of each run of equal values in sorted `keys`."""
+    cuts = np.concatenate([[0], np.flatnonzero(np.diff(keys)) + 1, [len(keys)]])
+    return [(int(start), int(stop - start)) for start, stop in zip(cuts[:-1], cuts[1:])]
+
+
+def write_rollups(storage, kind: str, table: pa.Table, whole_days: set[datetime]) -> int:
+    """One file per hour and kind, from rows sorted by hour_idx (then the group keys), whatever engine made them, and
+    one per UTC day in `whole_days` (days the build rolled up every hour of) with that day's rows. A day's file is
+    removed before any of its hours is rewritten, under the day's lock, so it never disagrees with the hourly files."""
     if not table.num_rows:
         return 0
     table = table.cast(spark_jobs.ROLLUP_ARROW[kind])
     hour_idx = table["hour_idx"].to_numpy()
-    cuts = np.flatnonzero(np.diff(hour_idx)) + 1
-    for start, stop in zip(np.concatenate([[0], cuts]), np.concatenate([cuts, [len(hour_idx)]])):
-        storage.write_table(
-            table.slice(start, stop - start),
-            *layout.rollup_hour(kind, from_epoch_hour(int(hour_idx[start]))),
-            spark_jobs.ROLLUP_FILE,
-        )
+    for day_offset, day_rows in _runs(hour_idx // HOURS_PER_DAY):
+        day_table = table.slice(day_offset, day_rows)
+        day = day_start(from_epoch_hour(int(hour_idx[day_offset])))
+        with storage.exclusive(*layout.rollup_day(kind, day)):
+            storage.remove(*layout.rollup_day(kind, day))
+            for offset, rows in _runs(day_table["hour_idx"].to_numpy()):
+                storage.write_table(
+                    day_table.slice(offset, rows),
+                    *layout.rollup_hour(kind, from_epoch_hour(int(hour_idx[day_offset + offset]))),
+                    spark_jobs.ROLLUP_FILE,
+                )
+            if day in whole_days:
+                storage.write_table(day_table, *layout.rollup_day(kind, day), spark_jobs.ROLLUP_FILE)
     return table.num_rows
+
+
+def compact_day(storage, kind: str, day: datetime) -> None:
+    """The day file of `kind` from the day's stored hourly files, for a day whose hours were rolled up over several
+    builds (an hourly run's last hour of the day)."""
+    with storage.exclusive(*layout.rollup_day(kind, day)):
+        paths = spark_jobs.existing_hour_paths(
+            storage, layout.rollup_root(kind), hours_between(day, day + DAY), (spark_jobs.ROLLUP_FILE,)
+        )
+        if paths:
+            day_table = pa.concat_tables([pq.read_table(path) for path in paths])
+            storage.write_table(day_table, *layout.rollup_day(kind, day), spark_jobs.ROLLUP_FILE)
+
+
+def remove_rollups(storage, hours: list[datetime]) -> None:
+    """Forget the rollups of `hours`, hourly files and their days' files, so the rollup views compute them from the
+    events again."""
+    for kind in layout.ROLLUP_KINDS:
+        for day, day_hours in hours_by_day(hours).items():
+            with storage.exclusive(*layout.rollup_day(kind, day)):
+                storage.remove(*layout.rollup_day(kind, day))
+                for hour in day_hours:
+                    storage.remove(*layout.rollup_hour(kind, hour))
 
 
 def build_rollups_by_week(
@@ -75,19 +113,27 @@ def build_rollups_by_week(
     """For each week of `hours`: `register` the view `ev` (events with hour_idx) over those hours, then write each
     kind's rows, `query(kind)` returning them as Arrow sorted by hour_idx and the group keys. One kind's files are
     written on a thread while the engine runs the next query (both release the GIL); one write at a time keeps at
-    most two results in memory."""
+    most two results in memory. Days that end within `hours` get their day file: from the build's rows when it
+    covered the whole day, else from the stored hourly files once the build is written."""
     rows = dict.fromkeys(_ROLLUP_ORDER, 0)
+    by_day = hours_by_day(hours)
+    whole_days = {day for day, day_hours in by_day.items() if len(day_hours) == HOURS_PER_DAY}
+    ended_in_part = [day for day in by_day if day not in whole_days and day + DAY <= hours[-1] + HOUR]
+    days = list(by_day.values())
     written: list[tuple[str, Future]] = []
     with ThreadPoolExecutor(1) as writer:
-        for start in range(0, len(hours), ROLLUP_CHUNK_HOURS):
-            register(hours[start : start + ROLLUP_CHUNK_HOURS])
+        for start in range(0, len(days), ROLLUP_CHUNK_DAYS):
+            register([hour for day_hours in days[start : start + ROLLUP_CHUNK_DAYS] for hour in day_hours])
             for kind in rows:
                 table = query(kind)
                 if written:
                     written[-1][1].result()
-                written.append((kind, writer.submit(write_rollups, storage, kind, table)))
+                written.append((kind, writer.submit(write_rollups, storage, kind, table, whole_days)))
     for kind, future in written:
         rows[kind] += future.result()
+    for day in ended_in_part:
+        for kind in rows:
+            compact_day(storage, kind, day)
     return rows
 
 
@@ -159,11 +205,11 @@ class DuckDBEngine:
     def register_rollups(self, storage, hours: list[datetime]) -> None:
         """The stored rollups, and for hours not rolled up yet the same definitions over their events (see
         spark_jobs.register_rollups)."""
-        rolled_up, unrolled = spark_jobs.split_by_rollups(storage, hours)
+        unrolled = spark_jobs.unrolled_hours(storage, hours)
         if unrolled:
             self._register_events_with_hours(storage, unrolled, spark_jobs.UNROLLED_EVENTS)
         for kind, schema in spark_jobs.ROLLUPS.items():
-            paths = spark_jobs.existing_hour_paths(storage, layout.rollup_root(kind), rolled_up, (spark_jobs.ROLLUP_FILE,))
+            paths = spark_jobs.rollup_paths(storage, kind, hours)
             stored = f"{kind}_stored" if unrolled else kind
             self._view(stored, paths, schema)
             if unrolled:

@@ -12,7 +12,9 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
 HOUR = timedelta(hours=1)
+DAY = timedelta(days=1)
 WEEK = timedelta(days=7)
+HOURS_PER_DAY = 24
 HOUR_KEY_FORMAT = "%Y-%m-%d-%H:%M"  # Dagster's hourly partition key format
 _DURATION = re.compile(r"^\s*(\d+)\s*([hdw])\s*$")
 _UNIT = {"h": HOUR, "d": timedelta(days=1), "w": WEEK}
@@ -62,6 +64,24 @@ def hour_token(hour_start: datetime) -> str:
 
 def hour_from_token(token: str) -> datetime:
     return datetime.strptime(token, "%Y-%m-%dT%H").replace(tzinfo=timezone.utc)
+
+
+def day_token(moment: datetime) -> str:
+    """Storage-path form of the UTC day containing `moment`."""
+    return utc(moment).strftime("%Y-%m-%d")
+
+
+def day_start(moment: datetime) -> datetime:
+    return floor_hour(moment).replace(hour=0)
+
+
+def hours_by_day(hours: list[datetime]) -> dict[datetime, list[datetime]]:
+    """`hours` grouped by the UTC day they fall in (keyed by its midnight), in their order. A day is whole when all
+    HOURS_PER_DAY of its hours are in its group."""
+    days: dict[datetime, list[datetime]] = {}
+    for hour in hours:
+        days.setdefault(day_start(hour), []).append(hour)
+    return days
 
 
 def epoch_hour(moment: datetime) -> int:
