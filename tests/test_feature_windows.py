@@ -135,7 +135,7 @@ def test_both_engines_build_identical_rollups_and_features(tmp_path, spark_sessi
             by_user(engine.to_pandas(feature_query(taxonomy, epoch_hour(end)).sql)), by_user(results[engine.name][1])
         )
     duck, spark = results["duckdb"], results["spark"]
-    assert duck[0].keys() == spark[0].keys() and len(duck[0]) > 100
+    assert duck[0].keys() == spark[0].keys() and len(duck[0]) == 3 * 21  # 3 kinds x 21 whole days
     sort = lambda frame: frame.sort_values(list(frame.columns[:4])).reset_index(drop=True)  # noqa: E731
     for name in duck[0]:
         pd.testing.assert_frame_equal(sort(duck[0][name]), sort(spark[0][name]), check_dtype=False, obj=name)
@@ -146,11 +146,13 @@ def test_both_engines_build_identical_rollups_and_features(tmp_path, spark_sessi
         )
 
 
-def test_whole_days_are_read_from_day_files_that_follow_every_rebuild(storage, engine):
-    """A whole UTC day of rollups is also kept as one file, which the views read instead of its 24 hourly files; a
-    rebuilt hour removes its day's file, and the day's last hour rolled up on its own rebuilds it from the hourly
-    files. Features are the same either way."""
+def test_whole_days_are_stored_as_day_files_that_follow_every_rebuild(storage, engine):
+    """A UTC day rolled up whole is stored as one file per kind, which the views read (and cut to their hours)
+    instead of 24 hourly files; a day built in parts gets its file from the hourly files once it is over and every
+    hour with events has rollups; a rebuilt hour is rewritten inside its day's file. Features equal the
+    ones computed from the events alone throughout."""
     from automl_assets.core import layout
+    from automl_assets.core.engines import remove_rollups
     from automl_assets.core.spark_jobs import existing_hour_paths, rollup_paths
     from automl_assets.core.synthetic import SyntheticConfig, generate_table
 
@@ -158,44 +160,73 @@ def test_whole_days_are_read_from_day_files_that_follow_every_rebuild(storage, e
     hours = hours_between(end - timedelta(days=3), end)
     day1, day2, day3 = (end - timedelta(days=d) for d in (3, 2, 1))
     write_events(storage, generate_table(SyntheticConfig(n_users=150, end=end, weeks=1, seed=3)))
+    extra = [{"user_id": "early", "event_type": "purchase", "event_time": day1 + timedelta(hours=h, minutes=1)} for h in (2, 3)]
+    write_events(storage, events_table(extra))
     taxonomy = Taxonomy(events=("page_view", "purchase"), user_properties=(UserProperty("plan", ("free", "pro")),), weeks=1)
+    days = lambda: storage.list_dir(*layout.rollup_days_root("counts"))  # noqa: E731
+    day_names = lambda *ds: [f"day={d:%Y-%m-%d}" for d in ds]  # noqa: E731
 
-    def features() -> pd.DataFrame:
-        engine.register_rollups(storage, hours)
-        return features_as_of(engine, taxonomy, end).sort_index()
+    def features(view_hours=hours) -> pd.DataFrame:
+        engine.register_rollups(storage, view_hours)
+        return features_as_of(engine, taxonomy, view_hours[-1] + timedelta(hours=1)).sort_index()
 
-    def day_files(kind="counts") -> list[str]:
-        return storage.list_dir(*layout.rollup_days_root(kind))
+    def from_events(view_hours=hours) -> pd.DataFrame:
+        """The same features with the rollups moved aside: the views compute them from the events."""
+        aside = storage.base / "aside"
+        aside.mkdir()
+        for root in ("rollups", "rollups_daily"):
+            (storage.base / root).rename(aside / root)
+        try:
+            return features(view_hours)
+        finally:
+            for root in ("rollups", "rollups_daily"):
+                (aside / root).rename(storage.base / root)
+            aside.rmdir()
 
-    def day_equals_its_hours(day) -> None:
-        for kind in layout.ROLLUP_KINDS:
-            day_table = pd.read_parquet(storage.path(*layout.rollup_day(kind, day), "part-0.parquet"))
-            hour_files = existing_hour_paths(storage, layout.rollup_root(kind), hours_between(day, day + timedelta(days=1)), ("part-0.parquet",))
-            hourly = pd.concat(pd.read_parquet(path) for path in hour_files)
-            pd.testing.assert_frame_equal(day_table.reset_index(drop=True), hourly.reset_index(drop=True), obj=kind)
-
-    # Day 1 from its 6th hour: it ends within the build, so its file is made from the hourly files written before.
-    engine.build_rollups(storage, hours[:5])
-    assert day_files() == []
-    engine.build_rollups(storage, hours[5:])
-    assert day_files() == [f"day={d:%Y-%m-%d}" for d in (day1, day2, day3)]
-    for day in (day1, day2, day3):
-        day_equals_its_hours(day)
+    # Day 1 from its 4th hour, hour 2 never rolled up: the day ends within the build but keeps its hourly files.
+    engine.build_rollups(storage, hours[:2])
+    engine.build_rollups(storage, hours[3:])
+    assert days() == day_names(day2, day3)
+    assert not existing_hour_paths(storage, layout.rollup_root("counts"), hours[24:], ("part-0.parquet",))
+    pd.testing.assert_frame_equal(features(), from_events())
+    # Its missing hour rolled up, later days stored: the day is over and whole, and its file is made from its hours.
+    engine.build_rollups(storage, [hours[2]])
+    assert days() == day_names(day1, day2, day3)
+    for kind in layout.ROLLUP_KINDS:
+        hour_files = existing_hour_paths(storage, layout.rollup_root(kind), hours[:24], ("part-0.parquet",))
+        pd.testing.assert_frame_equal(
+            pd.read_parquet(storage.path(*layout.rollup_day(kind, day1), "part-0.parquet")),
+            pd.concat(pd.read_parquet(path) for path in hour_files).reset_index(drop=True),
+            obj=kind,
+        )
     assert len(rollup_paths(storage, "counts", hours)) == 3
-    day1_hours = [h for h in hours[1:24] if storage.exists(*layout.rollup_hour("counts", h))]
-    assert len(rollup_paths(storage, "counts", hours[1:])) == len(day1_hours) + 2 > 3  # a part of a day reads its hours
     with_days = features()
+    pd.testing.assert_frame_equal(with_days, from_events())
+    # A view that starts or ends inside a day reads that day's file and keeps only its own hours.
+    pd.testing.assert_frame_equal(features(hours[3:50]), from_events(hours[3:50]))
 
-    # Late events in day 2: rebuilding their hour drops day 2's file until the day's last hour is rolled up again.
+    # Late events in day 2: their hour's rollups are rewritten inside the day's file.
     late = events_table([{"user_id": "late", "event_type": "purchase", "event_time": day2 + timedelta(hours=7, minutes=5),
                           "user_properties": {"plan": "pro"}}])
     write_events(storage, late)
     engine.build_rollups(storage, [day2 + timedelta(hours=7)])
-    assert day_files() == [f"day={d:%Y-%m-%d}" for d in (day1, day3)]
-    from_hours = features()
-    assert from_hours.loc["late", "f__purchase__w1"] == 1
-    pd.testing.assert_frame_equal(from_hours.drop(index="late"), with_days)
-    engine.build_rollups(storage, [day2 + timedelta(hours=23)])
-    assert day_files() == [f"day={d:%Y-%m-%d}" for d in (day1, day2, day3)]
-    day_equals_its_hours(day2)
-    pd.testing.assert_frame_equal(features(), from_hours)
+    assert days() == day_names(day1, day2, day3)
+    with_late = features()
+    assert with_late.loc["late", "f__purchase__w1"] == 1
+    pd.testing.assert_frame_equal(with_late.drop(index="late"), with_days)
+    pd.testing.assert_frame_equal(with_late, from_events())
+
+    # Forgetting hours of a stored day puts its other hours back in hourly files; the forgotten ones come from events.
+    remove_rollups(storage, hours[30:40])
+    assert days() == day_names(day1, day3)
+    pd.testing.assert_frame_equal(features(), with_late)
+
+    # Day 3 rebuilt in two parts: its file is made from its hours, and day 1's hourly files, two days older, go.
+    remove_rollups(storage, hours[48:])
+    engine.build_rollups(storage, hours[48:60])
+    assert days() == day_names(day1) and existing_hour_paths(storage, layout.rollup_root("counts"), hours[:24], ("part-0.parquet",))
+    engine.build_rollups(storage, hours[60:])
+    assert days() == day_names(day1, day3)
+    for kind in layout.ROLLUP_KINDS:
+        assert not existing_hour_paths(storage, layout.rollup_root(kind), hours[:24], ("part-0.parquet",))
+    pd.testing.assert_frame_equal(features(), with_late)

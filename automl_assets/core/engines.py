@@ -11,10 +11,20 @@ from datetime import datetime
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from automl_assets.core import layout, spark_jobs
-from automl_assets.core.timewin import DAY, HOUR, HOURS_PER_DAY, day_start, from_epoch_hour, hours_between, hours_by_day
+from automl_assets.core.timewin import (
+    DAY,
+    HOUR,
+    HOURS_PER_DAY,
+    epoch_hour,
+    from_epoch_hour,
+    hour_from_token,
+    hours_between,
+    hours_by_day,
+)
 
 _DUCKDB_TYPES = {"string": "VARCHAR", "long": "BIGINT", "double": "DOUBLE", "timestamp": "TIMESTAMPTZ", "map": "MAP(VARCHAR, VARCHAR)"}
 
@@ -56,53 +66,84 @@ def _sorted(kind: str, table: pa.Table) -> pa.Table:
 
 def _runs(keys: np.ndarray) -> list[tuple[int, int]]:
     """(start, length) of each run of equal values in sorted `keys`."""
+    if not len(keys):
+        return []
     cuts = np.concatenate([[0], np.flatnonzero(np.diff(keys)) + 1, [len(keys)]])
     return [(int(start), int(stop - start)) for start, stop in zip(cuts[:-1], cuts[1:])]
 
 
-def write_rollups(storage, kind: str, table: pa.Table, whole_days: set[datetime]) -> int:
-    """One file per hour and kind, from rows sorted by hour_idx (then the group keys), whatever engine made them, and
-    one per UTC day in `whole_days` (days the build rolled up every hour of) with that day's rows. A day's file is
-    removed before any of its hours is rewritten, under the day's lock, so it never disagrees with the hourly files."""
-    if not table.num_rows:
-        return 0
-    table = table.cast(spark_jobs.ROLLUP_ARROW[kind])
+def _write_hours(storage, kind: str, table: pa.Table) -> None:
+    """One hourly file per hour of `table` (rows sorted by hour_idx)."""
     hour_idx = table["hour_idx"].to_numpy()
-    for day_offset, day_rows in _runs(hour_idx // HOURS_PER_DAY):
-        day_table = table.slice(day_offset, day_rows)
-        day = day_start(from_epoch_hour(int(hour_idx[day_offset])))
-        with storage.exclusive(*layout.rollup_day(kind, day)):
-            storage.remove(*layout.rollup_day(kind, day))
-            for offset, rows in _runs(day_table["hour_idx"].to_numpy()):
-                storage.write_table(
-                    day_table.slice(offset, rows),
-                    *layout.rollup_hour(kind, from_epoch_hour(int(hour_idx[day_offset + offset]))),
-                    spark_jobs.ROLLUP_FILE,
-                )
+    for offset, rows in _runs(hour_idx):
+        storage.write_table(
+            table.slice(offset, rows), *layout.rollup_hour(kind, from_epoch_hour(int(hour_idx[offset]))), spark_jobs.ROLLUP_FILE
+        )
+
+
+def _day_without(storage, kind: str, day: datetime, hours: list[datetime]) -> pa.Table:
+    """The rows of a day's file outside `hours`."""
+    stored = pq.read_table(storage.path(*layout.rollup_day(kind, day), spark_jobs.ROLLUP_FILE))
+    dropped = pa.array([epoch_hour(hour) for hour in hours], pa.int64())
+    return stored.filter(pc.invert(pc.is_in(stored["hour_idx"], value_set=dropped)))
+
+
+def write_rollups(storage, kind: str, table: pa.Table, hours: list[datetime], whole_days: set[datetime]) -> int:
+    """Store the rollups of `hours` (rows sorted by hour_idx, then the group keys, whatever engine made them), a UTC
+    day at a time under the day's lock: a day the build covered whole as one day file; the hours of a day that has
+    a day file rewritten inside it; the other hours as hourly files."""
+    table = table.cast(spark_jobs.ROLLUP_ARROW[kind])
+    day_of_row = table["hour_idx"].to_numpy() // HOURS_PER_DAY
+    for day, day_hours in hours_by_day(hours).items():
+        first, stop = np.searchsorted(day_of_row, [epoch_hour(day) // HOURS_PER_DAY, epoch_hour(day) // HOURS_PER_DAY + 1])
+        rows = table.slice(first, stop - first)
+        day_parts = layout.rollup_day(kind, day)
+        with storage.exclusive(*day_parts):
             if day in whole_days:
-                storage.write_table(day_table, *layout.rollup_day(kind, day), spark_jobs.ROLLUP_FILE)
+                if rows.num_rows:
+                    storage.write_table(rows, *day_parts, spark_jobs.ROLLUP_FILE)
+            elif storage.exists(*day_parts):
+                merged = pa.concat_tables([_day_without(storage, kind, day, day_hours), rows])
+                storage.write_table(_sorted(kind, merged), *day_parts, spark_jobs.ROLLUP_FILE)
+            else:
+                _write_hours(storage, kind, rows)
     return table.num_rows
 
 
-def compact_day(storage, kind: str, day: datetime) -> None:
-    """The day file of `kind` from the day's stored hourly files, for a day whose hours were rolled up over several
-    builds (an hourly run's last hour of the day)."""
-    with storage.exclusive(*layout.rollup_day(kind, day)):
-        paths = spark_jobs.existing_hour_paths(
-            storage, layout.rollup_root(kind), hours_between(day, day + DAY), (spark_jobs.ROLLUP_FILE,)
-        )
-        if paths:
-            day_table = pa.concat_tables([pq.read_table(path) for path in paths])
-            storage.write_table(day_table, *layout.rollup_day(kind, day), spark_jobs.ROLLUP_FILE)
+# The hourly files a day file was made from stay this long: a run that listed them may still be reading them.
+HOURLY_FILES_KEPT = 2 * DAY
+
+
+def compact_day(storage, day: datetime) -> None:
+    """Each kind's day file from the day's hourly files, for a day that is over and was rolled up over several builds
+    (in the hourly runs, the run of its last hour). Not while an hour of the day has events but no rollups: a day file stands for every hour of its
+    day. Then the hourly files of the day HOURLY_FILES_KEPT earlier go, if that day has its file."""
+    hours = hours_between(day, day + DAY)
+    if spark_jobs.unrolled_hours(storage, hours):
+        return
+    for kind in layout.ROLLUP_KINDS:
+        day_parts = layout.rollup_day(kind, day)
+        with storage.exclusive(*day_parts):
+            paths = spark_jobs.existing_hour_paths(storage, layout.rollup_root(kind), hours, (spark_jobs.ROLLUP_FILE,))
+            if paths and not storage.exists(*day_parts):
+                storage.write_table(pa.concat_tables([pq.read_table(path) for path in paths]), *day_parts, spark_jobs.ROLLUP_FILE)
+        earlier = day - HOURLY_FILES_KEPT
+        with storage.exclusive(*layout.rollup_day(kind, earlier)):
+            if storage.exists(*layout.rollup_day(kind, earlier)):
+                for hour in hours_between(earlier, earlier + DAY):
+                    storage.remove(*layout.rollup_hour(kind, hour))
 
 
 def remove_rollups(storage, hours: list[datetime]) -> None:
-    """Forget the rollups of `hours`, hourly files and their days' files, so the rollup views compute them from the
-    events again."""
+    """Forget the rollups of `hours`, so the rollup views compute them from the events again. A day with a day file
+    goes back to hourly files for its other hours."""
     for kind in layout.ROLLUP_KINDS:
         for day, day_hours in hours_by_day(hours).items():
-            with storage.exclusive(*layout.rollup_day(kind, day)):
-                storage.remove(*layout.rollup_day(kind, day))
+            day_parts = layout.rollup_day(kind, day)
+            with storage.exclusive(*day_parts):
+                if storage.exists(*day_parts):
+                    _write_hours(storage, kind, _day_without(storage, kind, day, day_hours))
+                    storage.remove(*day_parts)
                 for hour in day_hours:
                     storage.remove(*layout.rollup_hour(kind, hour))
 
@@ -113,27 +154,30 @@ def build_rollups_by_week(
     """For each week of `hours`: `register` the view `ev` (events with hour_idx) over those hours, then write each
     kind's rows, `query(kind)` returning them as Arrow sorted by hour_idx and the group keys. One kind's files are
     written on a thread while the engine runs the next query (both release the GIL); one write at a time keeps at
-    most two results in memory. Days that end within `hours` get their day file: from the build's rows when it
-    covered the whole day, else from the stored hourly files once the build is written."""
+    most two results in memory. A day the build covers whole is stored as one day file; a day it covers in part that
+    is over gets its day file from the hourly files once the build is written (compact_day)."""
     rows = dict.fromkeys(_ROLLUP_ORDER, 0)
     by_day = hours_by_day(hours)
     whole_days = {day for day, day_hours in by_day.items() if len(day_hours) == HOURS_PER_DAY}
-    ended_in_part = [day for day in by_day if day not in whole_days and day + DAY <= hours[-1] + HOUR]
+    # A day is over once the build reaches its end or events after it are stored.
+    stored = storage.list_dir(*layout.events_root())
+    newest = max(hours[-1], hour_from_token(stored[-1].removeprefix("hour="))) if stored else hours[-1]
+    ended_in_part = [day for day in by_day if day not in whole_days and day + DAY <= newest + HOUR]
     days = list(by_day.values())
     written: list[tuple[str, Future]] = []
     with ThreadPoolExecutor(1) as writer:
         for start in range(0, len(days), ROLLUP_CHUNK_DAYS):
-            register([hour for day_hours in days[start : start + ROLLUP_CHUNK_DAYS] for hour in day_hours])
+            chunk = [hour for day_hours in days[start : start + ROLLUP_CHUNK_DAYS] for hour in day_hours]
+            register(chunk)
             for kind in rows:
                 table = query(kind)
                 if written:
                     written[-1][1].result()
-                written.append((kind, writer.submit(write_rollups, storage, kind, table, whole_days)))
+                written.append((kind, writer.submit(write_rollups, storage, kind, table, chunk, whole_days)))
     for kind, future in written:
         rows[kind] += future.result()
     for day in ended_in_part:
-        for kind in rows:
-            compact_day(storage, kind, day)
+        compact_day(storage, day)
     return rows
 
 
@@ -182,10 +226,10 @@ class DuckDBEngine:
         self.con = connection
         self.con.execute("SET TimeZone = 'UTC'")
 
-    def _view(self, view: str, paths: list[str], schema) -> None:
+    def _view(self, view: str, paths: list[str], schema, where: str = "") -> None:
         if paths:
             files = ", ".join("'" + p.replace("'", "''") + "'" for p in paths)
-            source = f"SELECT * FROM read_parquet([{files}])"
+            source = f"SELECT * FROM read_parquet([{files}])" + (f" WHERE {where}" if where else "")
         else:
             columns = ", ".join(f"CAST(NULL AS {_DUCKDB_TYPES[f.dataType.typeName()]}) AS {f.name}" for f in schema)
             source = f"SELECT {columns} WHERE false"
@@ -211,7 +255,7 @@ class DuckDBEngine:
         for kind, schema in spark_jobs.ROLLUPS.items():
             paths = spark_jobs.rollup_paths(storage, kind, hours)
             stored = f"{kind}_stored" if unrolled else kind
-            self._view(stored, paths, schema)
+            self._view(stored, paths, schema, spark_jobs.hour_range_sql(hours))
             if unrolled:
                 computed = _DUCKDB_ROLLUP_SQL[kind].format(events=spark_jobs.UNROLLED_EVENTS)
                 self.con.execute(f"CREATE OR REPLACE TEMP VIEW {kind} AS SELECT * FROM {stored} UNION ALL BY NAME {computed}")

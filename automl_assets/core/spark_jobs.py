@@ -9,7 +9,7 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import types as T
 
 from automl_assets.core import layout
-from automl_assets.core.timewin import HOURS_PER_DAY, hour_token, hours_by_day
+from automl_assets.core.timewin import epoch_hour, hour_token, hours_by_day
 
 _PROPERTIES = T.MapType(T.StringType(), T.StringType())
 EVENTS = T.StructType(
@@ -96,15 +96,16 @@ def read_events(spark: SparkSession, storage, hours: list[datetime]) -> DataFram
 
 
 def rollup_paths(storage, kind: str, hours: list[datetime]) -> list[str]:
-    """The stored rollup files of `hours`: each whole UTC day of `hours` from its day file when it has one, every
-    other hour from its hourly file (an hour not rolled up yet has none). An 8-week lookback reads about 60 files
-    instead of 1,344: opening files, not reading rows, was most of an hourly refresh's feature query."""
+    """The stored rollup files holding `hours`: the day file of each day that has one (it stands for its whole day),
+    the hourly files of the other hours (an hour not rolled up yet has none). A day file may hold hours outside
+    `hours`: readers keep `hour_range_sql(hours)`. An 8-week lookback reads about 60 files instead of 1,344: opening
+    files, not reading rows, was most of an hourly refresh's feature query."""
     hourly = set(storage.list_dir(*layout.rollup_root(kind)))
     daily = set(storage.list_dir(*layout.rollup_days_root(kind)))
     paths = []
     for day, day_hours in hours_by_day(hours).items():
         day_parts = layout.rollup_day(kind, day)
-        if len(day_hours) == HOURS_PER_DAY and day_parts[-1] in daily:
+        if day_parts[-1] in daily:
             paths.append(storage.path(*day_parts, ROLLUP_FILE))
             continue
         for hour in day_hours:
@@ -114,18 +115,36 @@ def rollup_paths(storage, kind: str, hours: list[datetime]) -> list[str]:
     return paths
 
 
+def hour_range_sql(hours: list[datetime]) -> str:
+    """The condition on hour_idx that keeps exactly `hours`, which must be consecutive."""
+    if not hours:
+        return "FALSE"
+    first, last = epoch_hour(hours[0]), epoch_hour(hours[-1])
+    if last - first + 1 != len(hours):
+        raise ValueError(f"rollup views cover consecutive hours; got {len(hours)} hours from {hours[0]} to {hours[-1]}")
+    return f"hour_idx >= {first} AND hour_idx <= {last}"
+
+
 def read_rollup(spark: SparkSession, storage, kind: str, hours: list[datetime]) -> DataFrame:
     paths = rollup_paths(storage, kind, hours)
-    return spark.read.schema(ROLLUPS[kind]).parquet(*paths) if paths else spark.createDataFrame([], ROLLUPS[kind])
+    if not paths:
+        return spark.createDataFrame([], ROLLUPS[kind])
+    return spark.read.schema(ROLLUPS[kind]).parquet(*paths).where(hour_range_sql(hours))
 
 
 def unrolled_hours(storage, hours: list[datetime]) -> list[datetime]:
-    """The hours with events but no rollups yet. An hour counts as rolled up when its `counts` file exists: every
-    hour with events has counts, while its property rollups may rightly be empty."""
+    """The hours with events but no rollups yet. An hour counts as rolled up when its `counts` file exists, hourly or
+    its day's: every hour with events has counts, while its property rollups may rightly be empty."""
     rolled_up = set(storage.list_dir(*layout.rollup_root("counts")))
+    whole_days = set(storage.list_dir(*layout.rollup_days_root("counts")))
     with_events = set(storage.list_dir(*layout.events_root()))
-    names = {hour: f"hour={hour_token(hour)}" for hour in hours}
-    return [hour for hour in hours if names[hour] not in rolled_up and names[hour] in with_events]
+    return [
+        hour
+        for hour in hours
+        if (name := f"hour={hour_token(hour)}") in with_events
+        and name not in rolled_up
+        and layout.rollup_day("counts", hour)[-1] not in whole_days
+    ]
 
 
 # The view of events of hours not rolled up yet, read by the rollup views (a name no other query registers).
