@@ -86,5 +86,6 @@ def hourly_rollups(
             "hours": len(hours_between(start, end)),
             **{f"{kind}_rows": count for kind, count in rows.items()},
             "path": dg.MetadataValue.path(storage.path("rollups")),
+            "days_path": dg.MetadataValue.path(storage.path("rollups_daily")),
         }
     )

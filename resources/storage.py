@@ -9,6 +9,7 @@ import shutil
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import datetime, timezone
 from pathlib import Path
 
 import dagster as dg
@@ -56,6 +57,10 @@ class LocalStorage(dg.ConfigurableResource):
 
     def exists(self, *parts: str) -> bool:
         return self.base.joinpath(*parts).exists()
+
+    def modified_at(self, *parts: str) -> datetime:
+        """When the stored file was last written (UTC)."""
+        return datetime.fromtimestamp(self.base.joinpath(*parts).stat().st_mtime, timezone.utc)
 
     def list_dir(self, *parts: str) -> list[str]:
         folder = self.base.joinpath(*parts)

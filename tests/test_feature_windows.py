@@ -1,5 +1,6 @@
 """Window boundaries and leakage, through the same engines and SQL the assets run (each test on both engines)."""
 
+import os
 from datetime import timedelta
 
 import pandas as pd
@@ -152,7 +153,7 @@ def test_whole_days_are_stored_as_day_files_that_follow_every_rebuild(storage, e
     hour with events has rollups; a rebuilt hour is rewritten inside its day's file. Features equal the
     ones computed from the events alone throughout."""
     from automl_assets.core import layout
-    from automl_assets.core.engines import remove_rollups
+    from automl_assets.core.engines import remove_replaced_hours, remove_rollups
     from automl_assets.core.spark_jobs import existing_hour_paths, rollup_paths
     from automl_assets.core.synthetic import SyntheticConfig, generate_table
 
@@ -220,13 +221,22 @@ def test_whole_days_are_stored_as_day_files_that_follow_every_rebuild(storage, e
     remove_rollups(storage, hours[30:40])
     assert days() == day_names(day1, day3)
     pd.testing.assert_frame_equal(features(), with_late)
+    # An hour whose counts file is gone counts as not rolled up: its other kinds' files are not read beside its events.
+    hour = next(h for h in hours[40:48] if storage.exists(*layout.rollup_hour("users", h)))
+    users_rows = len(pd.read_parquet(storage.path(*layout.rollup_hour("users", hour), "part-0.parquet")))
+    storage.remove(*layout.rollup_hour("counts", hour))
+    pd.testing.assert_frame_equal(features(), with_late)
+    assert engine.to_pandas(f"SELECT COUNT(*) AS n FROM users WHERE hour_idx = {epoch_hour(hour)}")["n"][0] == users_rows
 
-    # Day 3 rebuilt in two parts: its file is made from its hours, and day 1's hourly files, two days older, go.
+    # Day 3 rebuilt in two parts gets its file from its hours, which stay until its file is a day old, like day 1's.
     remove_rollups(storage, hours[48:])
     engine.build_rollups(storage, hours[48:60])
-    assert days() == day_names(day1) and existing_hour_paths(storage, layout.rollup_root("counts"), hours[:24], ("part-0.parquet",))
     engine.build_rollups(storage, hours[60:])
     assert days() == day_names(day1, day3)
-    for kind in layout.ROLLUP_KINDS:
-        assert not existing_hour_paths(storage, layout.rollup_root(kind), hours[:24], ("part-0.parquet",))
+    hour_files = lambda kind, day_hours: existing_hour_paths(storage, layout.rollup_root(kind), day_hours, ("part-0.parquet",))  # noqa: E731
+    assert hour_files("counts", hours[:24]) and hour_files("counts", hours[48:])
+    day_old = (end - timedelta(days=1, minutes=1)).timestamp()
+    os.utime(storage.path(*layout.rollup_day("counts", day1), "part-0.parquet"), (day_old, day_old))
+    remove_replaced_hours(storage, end)
+    assert not hour_files("counts", hours[:24]) and hour_files("users", hours[:24]) and hour_files("counts", hours[48:])
     pd.testing.assert_frame_equal(features(), with_late)

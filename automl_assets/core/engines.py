@@ -7,7 +7,7 @@ query's result into the store, build rollups."""
 
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from datetime import datetime
+from datetime import datetime, timezone
 
 import numpy as np
 import pyarrow as pa
@@ -100,8 +100,7 @@ def write_rollups(storage, kind: str, table: pa.Table, hours: list[datetime], wh
         day_parts = layout.rollup_day(kind, day)
         with storage.exclusive(*day_parts):
             if day in whole_days:
-                if rows.num_rows:
-                    storage.write_table(rows, *day_parts, spark_jobs.ROLLUP_FILE)
+                storage.write_table(rows, *day_parts, spark_jobs.ROLLUP_FILE)
             elif storage.exists(*day_parts):
                 merged = pa.concat_tables([_day_without(storage, kind, day, day_hours), rows])
                 storage.write_table(_sorted(kind, merged), *day_parts, spark_jobs.ROLLUP_FILE)
@@ -110,14 +109,10 @@ def write_rollups(storage, kind: str, table: pa.Table, hours: list[datetime], wh
     return table.num_rows
 
 
-# The hourly files a day file was made from stay this long: a run that listed them may still be reading them.
-HOURLY_FILES_KEPT = 2 * DAY
-
-
 def compact_day(storage, day: datetime) -> None:
     """Each kind's day file from the day's hourly files, for a day that is over and was rolled up over several builds
-    (in the hourly runs, the run of its last hour). Not while an hour of the day has events but no rollups: a day file stands for every hour of its
-    day. Then the hourly files of the day HOURLY_FILES_KEPT earlier go, if that day has its file."""
+    (in the hourly runs, the run of its last hour). Not while an hour of the day has events but no rollups: a day
+    file stands for every hour of its day."""
     hours = hours_between(day, day + DAY)
     if spark_jobs.unrolled_hours(storage, hours):
         return
@@ -127,16 +122,32 @@ def compact_day(storage, day: datetime) -> None:
             paths = spark_jobs.existing_hour_paths(storage, layout.rollup_root(kind), hours, (spark_jobs.ROLLUP_FILE,))
             if paths and not storage.exists(*day_parts):
                 storage.write_table(pa.concat_tables([pq.read_table(path) for path in paths]), *day_parts, spark_jobs.ROLLUP_FILE)
-        earlier = day - HOURLY_FILES_KEPT
-        with storage.exclusive(*layout.rollup_day(kind, earlier)):
-            if storage.exists(*layout.rollup_day(kind, earlier)):
-                for hour in hours_between(earlier, earlier + DAY):
-                    storage.remove(*layout.rollup_hour(kind, hour))
+
+
+# Hourly files of a day stored whole stay this long after its day file is written: a run that listed them before
+# may still be reading them.
+REPLACED_HOURS_KEPT = DAY
+
+
+def remove_replaced_hours(storage, now: datetime) -> None:
+    """Remove the hourly files of days whose day file (which readers use instead) is REPLACED_HOURS_KEPT old."""
+    for kind in layout.ROLLUP_KINDS:
+        stored_days = set(storage.list_dir(*layout.rollup_days_root(kind)))
+        hourly = [hour_from_token(name.removeprefix("hour=")) for name in storage.list_dir(*layout.rollup_root(kind))]
+        for day, day_hours in hours_by_day(hourly).items():
+            day_parts = layout.rollup_day(kind, day)
+            if day_parts[-1] not in stored_days:
+                continue
+            with storage.exclusive(*day_parts):
+                if now - storage.modified_at(*day_parts, spark_jobs.ROLLUP_FILE) >= REPLACED_HOURS_KEPT:
+                    for hour in day_hours:
+                        storage.remove(*layout.rollup_hour(kind, hour))
 
 
 def remove_rollups(storage, hours: list[datetime]) -> None:
-    """Forget the rollups of `hours`, so the rollup views compute them from the events again. A day with a day file
-    goes back to hourly files for its other hours."""
+    """Forget the rollups of `hours`, so the rollup views compute them from the events again (for tests and
+    benchmarks: a run reading those files at the time fails). A day with a day file goes back to hourly files for
+    its other hours."""
     for kind in layout.ROLLUP_KINDS:
         for day, day_hours in hours_by_day(hours).items():
             day_parts = layout.rollup_day(kind, day)
@@ -151,12 +162,14 @@ def remove_rollups(storage, hours: list[datetime]) -> None:
 def build_rollups_by_week(
     storage, hours: list[datetime], register: Callable[[list[datetime]], None], query: Callable[[str], pa.Table]
 ) -> dict[str, int]:
-    """For each week of `hours`: `register` the view `ev` (events with hour_idx) over those hours, then write each
-    kind's rows, `query(kind)` returning them as Arrow sorted by hour_idx and the group keys. One kind's files are
-    written on a thread while the engine runs the next query (both release the GIL); one write at a time keeps at
+    """For each 7 UTC days of `hours`: `register` the view `ev` (events with hour_idx) over those hours, then write
+    each kind's rows, `query(kind)` returning them as Arrow sorted by hour_idx and the group keys. One kind's files
+    are written on a thread while the engine runs the next query (both release the GIL); one write at a time keeps at
     most two results in memory. A day the build covers whole is stored as one day file; a day it covers in part that
     is over gets its day file from the hourly files once the build is written (compact_day)."""
     rows = dict.fromkeys(_ROLLUP_ORDER, 0)
+    if not hours:
+        return rows
     by_day = hours_by_day(hours)
     whole_days = {day for day, day_hours in by_day.items() if len(day_hours) == HOURS_PER_DAY}
     # A day is over once the build reaches its end or events after it are stored.
@@ -178,6 +191,7 @@ def build_rollups_by_week(
         rows[kind] += future.result()
     for day in ended_in_part:
         compact_day(storage, day)
+    remove_replaced_hours(storage, datetime.now(timezone.utc))
     return rows
 
 
@@ -207,7 +221,7 @@ class SparkEngine:
 
     def build_rollups(self, storage, hours: list[datetime]) -> dict[str, int]:
         """A week of hours per Spark job and rollup kind; results come back as Arrow (a week's rollups are small) and
-        are written one file per hour: thousands of tiny Spark output folders cost more than the work."""
+        are written as day and hour files like DuckDB's: thousands of tiny Spark output folders cost more than the work."""
 
         def register(week: list[datetime]) -> None:
             events = spark_jobs.read_events(self.session, storage, week)
@@ -255,7 +269,7 @@ class DuckDBEngine:
         for kind, schema in spark_jobs.ROLLUPS.items():
             paths = spark_jobs.rollup_paths(storage, kind, hours)
             stored = f"{kind}_stored" if unrolled else kind
-            self._view(stored, paths, schema, spark_jobs.hour_range_sql(hours))
+            self._view(stored, paths, schema, spark_jobs.stored_rows_sql(hours, unrolled))
             if unrolled:
                 computed = _DUCKDB_ROLLUP_SQL[kind].format(events=spark_jobs.UNROLLED_EVENTS)
                 self.con.execute(f"CREATE OR REPLACE TEMP VIEW {kind} AS SELECT * FROM {stored} UNION ALL BY NAME {computed}")

@@ -42,7 +42,7 @@ def rollup_hour(kind: str, hour_start: datetime) -> tuple[str, ...]:
 
 
 def rollup_days_root(kind: str) -> tuple[str, ...]:
-    """Whole UTC days of a rollup kind in one file each: a copy of the day's hourly files that reads 24x fewer files."""
+    """UTC days of a rollup kind in one file each, which stands for every hour of its day (docs/design.md)."""
     rollup_root(kind)  # validates the kind
     return ("rollups_daily", kind)
 

@@ -98,7 +98,7 @@ def read_events(spark: SparkSession, storage, hours: list[datetime]) -> DataFram
 def rollup_paths(storage, kind: str, hours: list[datetime]) -> list[str]:
     """The stored rollup files holding `hours`: the day file of each day that has one (it stands for its whole day),
     the hourly files of the other hours (an hour not rolled up yet has none). A day file may hold hours outside
-    `hours`: readers keep `hour_range_sql(hours)`. An 8-week lookback reads about 60 files instead of 1,344: opening
+    `hours`: readers keep `stored_rows_sql(hours, …)`. An 8-week lookback reads about 60 files instead of 1,344: opening
     files, not reading rows, was most of an hourly refresh's feature query."""
     hourly = set(storage.list_dir(*layout.rollup_root(kind)))
     daily = set(storage.list_dir(*layout.rollup_days_root(kind)))
@@ -115,21 +115,24 @@ def rollup_paths(storage, kind: str, hours: list[datetime]) -> list[str]:
     return paths
 
 
-def hour_range_sql(hours: list[datetime]) -> str:
-    """The condition on hour_idx that keeps exactly `hours`, which must be consecutive."""
+def stored_rows_sql(hours: list[datetime], unrolled: list[datetime]) -> str:
+    """The condition on hour_idx that keeps the stored rollup rows of `hours` (which must be consecutive) except the
+    `unrolled` ones, which the views compute from events: a build that lands between the two listings must not
+    count an hour twice."""
     if not hours:
         return "FALSE"
     first, last = epoch_hour(hours[0]), epoch_hour(hours[-1])
-    if last - first + 1 != len(hours):
+    if len(set(hours)) != len(hours) or last - first + 1 != len(hours):
         raise ValueError(f"rollup views cover consecutive hours; got {len(hours)} hours from {hours[0]} to {hours[-1]}")
-    return f"hour_idx >= {first} AND hour_idx <= {last}"
+    computed = f" AND hour_idx NOT IN ({', '.join(str(epoch_hour(hour)) for hour in unrolled)})" if unrolled else ""
+    return f"hour_idx >= {first} AND hour_idx <= {last}{computed}"
 
 
-def read_rollup(spark: SparkSession, storage, kind: str, hours: list[datetime]) -> DataFrame:
+def read_rollup(spark: SparkSession, storage, kind: str, hours: list[datetime], unrolled: list[datetime]) -> DataFrame:
     paths = rollup_paths(storage, kind, hours)
     if not paths:
         return spark.createDataFrame([], ROLLUPS[kind])
-    return spark.read.schema(ROLLUPS[kind]).parquet(*paths).where(hour_range_sql(hours))
+    return spark.read.schema(ROLLUPS[kind]).parquet(*paths).where(stored_rows_sql(hours, unrolled))
 
 
 def unrolled_hours(storage, hours: list[datetime]) -> list[datetime]:
@@ -161,7 +164,7 @@ def register_rollups(spark: SparkSession, storage, hours: list[datetime]) -> Non
             UNROLLED_EVENTS
         )
     for kind in ROLLUPS:
-        frame = read_rollup(spark, storage, kind, hours)
+        frame = read_rollup(spark, storage, kind, hours, unrolled)
         if unrolled:
             frame = frame.unionByName(spark.sql(ROLLUP_SQL[kind].format(events=UNROLLED_EVENTS)))
         frame.createOrReplaceTempView(kind)

@@ -72,6 +72,7 @@ def day_token(moment: datetime) -> str:
 
 
 def day_start(moment: datetime) -> datetime:
+    """Midnight UTC of the day containing `moment`."""
     return floor_hour(moment).replace(hour=0)
 
 
