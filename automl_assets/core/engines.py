@@ -139,7 +139,8 @@ def remove_replaced_hours(storage, now: datetime) -> None:
             if day_parts[-1] not in stored_days:
                 continue
             with storage.exclusive(*day_parts):
-                if now - storage.modified_at(*day_parts, spark_jobs.ROLLUP_FILE) >= REPLACED_HOURS_KEPT:
+                day_file = (*day_parts, spark_jobs.ROLLUP_FILE)
+                if storage.exists(*day_file) and now - storage.modified_at(*day_file) >= REPLACED_HOURS_KEPT:
                     for hour in day_hours:
                         storage.remove(*layout.rollup_hour(kind, hour))
 
