@@ -74,7 +74,8 @@ def events(context: dg.AssetExecutionContext, storage: LocalStorage) -> dg.Mater
     group_name="event_store",
     kinds={"duckdb", "spark", "parquet"},
     description="Per hour: events per user and event type, event-property value counts and user-property "
-    "first/last values. Features sum these, so an hourly refresh reads one new hour of raw events.",
+    "first/last values. Features sum these, so an hourly refresh reads one new hour of raw events. A day that is "
+    "over is stored as one file per kind (rollups_daily/), which the feature queries read instead of 24 hourly files.",
 )
 def hourly_rollups(
     context: dg.AssetExecutionContext, storage: LocalStorage, engine: EngineResource
