@@ -83,7 +83,7 @@ def _write_hours(storage, kind: str, table: pa.Table) -> None:
 
 def _day_without(storage, kind: str, day: datetime, hours: list[datetime]) -> pa.Table:
     """The rows of a day's file outside `hours`."""
-    stored = pq.read_table(storage.path(*layout.rollup_day(kind, day), spark_jobs.ROLLUP_FILE))
+    stored = storage.read_table(*layout.rollup_day(kind, day), spark_jobs.ROLLUP_FILE)
     dropped = pa.array([epoch_hour(hour) for hour in hours], pa.int64())
     return stored.filter(pc.invert(pc.is_in(stored["hour_idx"], value_set=dropped)))
 
@@ -95,7 +95,8 @@ def write_rollups(storage, kind: str, table: pa.Table, hours: list[datetime], wh
     table = table.cast(spark_jobs.ROLLUP_ARROW[kind])
     day_of_row = table["hour_idx"].to_numpy() // HOURS_PER_DAY
     for day, day_hours in hours_by_day(hours).items():
-        first, stop = np.searchsorted(day_of_row, [epoch_hour(day) // HOURS_PER_DAY, epoch_hour(day) // HOURS_PER_DAY + 1])
+        day_index = epoch_hour(day) // HOURS_PER_DAY
+        first, stop = np.searchsorted(day_of_row, [day_index, day_index + 1])
         rows = table.slice(first, stop - first)
         day_parts = layout.rollup_day(kind, day)
         with storage.exclusive(*day_parts):

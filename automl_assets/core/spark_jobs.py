@@ -100,19 +100,15 @@ def rollup_paths(storage, kind: str, hours: list[datetime]) -> list[str]:
     the hourly files of the other hours (an hour not rolled up yet has none). A day file may hold hours outside
     `hours`: readers keep `stored_rows_sql(hours, …)`. An 8-week lookback reads about 60 files instead of 1,344: opening
     files, not reading rows, was most of an hourly refresh's feature query."""
-    hourly = set(storage.list_dir(*layout.rollup_root(kind)))
-    daily = set(storage.list_dir(*layout.rollup_days_root(kind)))
-    paths = []
+    stored_days = set(storage.list_dir(*layout.rollup_days_root(kind)))
+    day_files, open_hours = [], []
     for day, day_hours in hours_by_day(hours).items():
         day_parts = layout.rollup_day(kind, day)
-        if day_parts[-1] in daily:
-            paths.append(storage.path(*day_parts, ROLLUP_FILE))
-            continue
-        for hour in day_hours:
-            hour_parts = layout.rollup_hour(kind, hour)
-            if hour_parts[-1] in hourly:
-                paths.append(storage.path(*hour_parts, ROLLUP_FILE))
-    return paths
+        if day_parts[-1] in stored_days:
+            day_files.append(storage.path(*day_parts, ROLLUP_FILE))
+        else:
+            open_hours += day_hours
+    return day_files + existing_hour_paths(storage, layout.rollup_root(kind), open_hours, (ROLLUP_FILE,))
 
 
 def stored_rows_sql(hours: list[datetime], unrolled: list[datetime]) -> str:
