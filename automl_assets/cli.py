@@ -164,7 +164,7 @@ def cmd_endpoints(args) -> int:
 
     sagemaker = resources_for_env()["sagemaker"]
     if args.stop:
-        names = [endpoint.name for endpoint in sagemaker.list_endpoints()] if args.stop == ["all"] else args.stop
+        names = sagemaker.endpoint_names() if args.stop == ["all"] else args.stop
         for name in names:
             print(f"{name}: {'stopped' if sagemaker.delete_endpoint(name) else 'was not running'}")
         return 0
@@ -172,7 +172,7 @@ def cmd_endpoints(args) -> int:
     for endpoint in endpoints:
         print(f"{endpoint.name}  {endpoint.url}  pid {endpoint.pid}  model {endpoint.model_dir}")
     if not endpoints:
-        print("no endpoint is running (AUTOML_HOURLY_ENDPOINT=1 makes hourly scoring deploy one per prediction)")
+        print("no endpoint is running (the hourly runs a schedule or sensor launches deploy one per prediction)")
     return 0
 
 

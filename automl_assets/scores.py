@@ -122,7 +122,8 @@ def scores(
     stored = storage.read_json(*calibrator_parts(run.prediction, trained_at))
     scope = scoring_scope(context, run)
     matrix_dir = inference_matrix_dir(context, storage, engine, run, trained_at)
-    endpoint = endpoint_name(run.prediction) if scope == "active" and sagemaker.hourly_endpoint else None
+    hourly_endpoint = scope == "active" and sagemaker.scores_hourly_through_endpoint(context.run.tags)
+    endpoint = endpoint_name(run.prediction) if hourly_endpoint else None
     matrix = pd.read_parquet(matrix_dir, columns=None if endpoint else ["user_id", "active_last_hour"])
     if scope == "active":  # the matrix of an hourly run holds those users only, unless it was built for another scope
         matrix = matrix[matrix["active_last_hour"] == 1]

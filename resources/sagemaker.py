@@ -7,6 +7,7 @@ the script's `serve` mode in a process of its own on 127.0.0.1: like a SageMaker
 deployed it, until it is deleted or stays idle for `endpoint_idle_minutes`."""
 
 import contextlib
+import enum
 import hashlib
 import io
 import json
@@ -19,7 +20,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -35,6 +36,16 @@ PARQUET = "application/x-parquet"
 PING_ATTEMPTS = 3
 DEPLOY_TIMEOUT_SECONDS = 120  # loading a model imports scikit-learn and LiteRT: seconds, not minutes
 INVOKE_TIMEOUT_SECONDS = 300
+# Tags the daemon puts on the runs a schedule or sensor launches (dagster._core.storage.tags, not public API).
+AUTOMATION_TAGS = ("dagster/schedule_name", "dagster/sensor_name")
+
+
+class HourlyEndpoint(enum.Enum):
+    """Which hourly (active-user) runs score through a warm endpoint rather than a batch transform."""
+
+    AUTOMATED = "automated"  # runs a schedule or sensor launches: the graph running itself every hour
+    ALWAYS = "always"
+    NEVER = "never"
 
 
 @dataclass(frozen=True)
@@ -107,14 +118,22 @@ class LocalSageMaker(dg.ConfigurableResource):
 
     work_root: str = Field(default="", description="Where job trees are made; empty means the system temp folder.")
     keep_job_dirs: bool = Field(default=False, description="Keep each job's /opt/ml tree for debugging.")
-    hourly_endpoint: bool = Field(
-        default=False,
-        description="Score hourly (active-user) runs through a warm endpoint of the prediction's model instead of a "
-        "batch transform that loads it every hour; daily runs stay batch transforms.",
+    hourly_endpoint: HourlyEndpoint = Field(
+        default=HourlyEndpoint.AUTOMATED,
+        description="Which hourly (active-user) runs score through a warm endpoint of the prediction's model instead "
+        "of a batch transform that loads it every hour: those a schedule or sensor launches (automated), all (always) "
+        "or none (never). Daily runs stay batch transforms.",
     )
     endpoint_idle_minutes: float = Field(
         default=90.0, description="A local endpoint stops itself after this long without an invocation (0: never)."
     )
+
+    def scores_hourly_through_endpoint(self, run_tags: Mapping[str, str]) -> bool:
+        """Whether an hourly run with these tags scores through the endpoint. Automated runs come every hour, so a
+        warm model pays; a run started by hand leaves no process behind."""
+        if self.hourly_endpoint is HourlyEndpoint.AUTOMATED:
+            return any(tag in run_tags for tag in AUTOMATION_TAGS)
+        return self.hourly_endpoint is HourlyEndpoint.ALWAYS
 
     @contextmanager
     def _job_tree(self, job_name: str) -> Iterator[Path]:
@@ -323,7 +342,11 @@ class LocalSageMaker(dg.ConfigurableResource):
                 time.sleep(0.05)
         return True
 
-    def list_endpoints(self) -> list[Endpoint]:
+    def endpoint_names(self) -> list[str]:
+        """Names of the endpoints deployed and not deleted, also those that stopped or no longer answer."""
         folder = self._endpoints_dir()
-        names = sorted(path.stem for path in folder.glob("*.json")) if folder.exists() else []
-        return [endpoint for endpoint in map(self.describe_endpoint, names) if endpoint]
+        return sorted(path.stem for path in folder.glob("*.json")) if folder.exists() else []
+
+    def list_endpoints(self) -> list[Endpoint]:
+        """The endpoints that are up."""
+        return [endpoint for endpoint in map(self.describe_endpoint, self.endpoint_names()) if endpoint]

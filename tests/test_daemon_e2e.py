@@ -16,6 +16,7 @@ import pytest
 import requests
 
 from automl_assets.core.synthetic import SyntheticConfig, generate_events, write_amplitude_export
+from resources.sagemaker import LocalSageMaker
 from tests.conftest import utc
 
 pytestmark = pytest.mark.slow
@@ -136,6 +137,10 @@ def dagster(tmp_path_factory):
         if daemon is not None:
             stop(daemon)
         stop(webserver)
+        # Hourly runs the sensors launch score through endpoints that outlive them: stop any that were deployed.
+        sagemaker = LocalSageMaker(work_root=env["AUTOML_SAGEMAKER_ROOT"])
+        for name in sagemaker.endpoint_names():
+            sagemaker.delete_endpoint(name)
 
 
 def test_sensors_ingest_register_train_and_score_without_any_other_action(dagster):

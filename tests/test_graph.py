@@ -18,7 +18,7 @@ from automl_assets.predictions import SCOPE_TAG, register_prediction
 from automl_assets.runs import RANGE_END_TAG, RANGE_START_TAG
 from automl_assets.scores import endpoint_name
 from resources.environments import ENGINES, resources_for_env
-from resources.sagemaker import LocalSageMaker
+from resources.sagemaker import HourlyEndpoint, LocalSageMaker
 from resources.storage import LocalStorage
 from tests.conftest import utc
 
@@ -169,16 +169,18 @@ def test_a_model_trained_on_another_taxonomy_scores_the_features_it_was_trained_
 
 
 def test_hourly_scores_through_a_warm_endpoint_equal_the_batch_transform(graph, tmp_path):
+    """By default only runs a sensor or schedule launches (the hourly chain) keep an endpoint warm; a run started by
+    hand is a batch transform and leaves no process behind."""
     instance, root, storage, engine = graph
     scores_asset = [a for a in PREDICTION_ASSETS if a.key.path[0] == "scores"]
 
-    def score_hour(scope: str, **sagemaker_options) -> tuple[str, pd.DataFrame]:
+    def score_hour(scope: str, launched_by_sensor: bool, **sagemaker_options) -> tuple[str, pd.DataFrame]:
         result = dg.materialize(
             scores_asset,
             instance=instance,
             resources={**resources(root, engine), "sagemaker": LocalSageMaker(work_root=str(tmp_path), **sagemaker_options)},
             partition_key=prediction_hour_key(SPEC.name, HOUR_H),
-            tags={SCOPE_TAG: scope},
+            tags={SCOPE_TAG: scope, **({"dagster/sensor_name": "score_after_ingest"} if launched_by_sensor else {})},
         )
         assert result.success
         return result.asset_materializations_for_node("scores")[0].metadata["scored_by"].value, read(storage, "scores", "scores.parquet")
@@ -186,14 +188,16 @@ def test_hourly_scores_through_a_warm_endpoint_equal_the_batch_transform(graph, 
     name = endpoint_name(SPEC.name)
     sagemaker = LocalSageMaker(work_root=str(tmp_path))
     try:
-        scored_by, batch = score_hour("active")
+        scored_by, batch = score_hour("active", launched_by_sensor=False)
         assert scored_by == "batch transform"
-        scored_by, warm = score_hour("active", hourly_endpoint=True)
+        assert score_hour("active", True, hourly_endpoint=HourlyEndpoint.NEVER)[0] == "batch transform"
+        assert sagemaker.describe_endpoint(name) is None
+        scored_by, warm = score_hour("active", launched_by_sensor=True)
         endpoint = sagemaker.describe_endpoint(name)
         assert scored_by == f"endpoint {name}" and endpoint is not None
-        assert score_hour("active", hourly_endpoint=True)[1].equals(warm)
+        assert score_hour("active", False, hourly_endpoint=HourlyEndpoint.ALWAYS)[1].equals(warm)
         assert sagemaker.describe_endpoint(name) == endpoint  # the second hour used the warm process
-        assert score_hour("cohort", hourly_endpoint=True)[0] == "batch transform"  # daily runs stay batch transforms
+        assert score_hour("cohort", launched_by_sensor=True)[0] == "batch transform"  # daily runs stay batch transforms
     finally:
         assert sagemaker.delete_endpoint(name)
     assert 0 < len(warm) < len(read(storage, "cohort", "infer"))

@@ -27,7 +27,7 @@ from automl_assets.core.matrices import feature_array
 from automl_assets.core.metrics import summarise
 from automl_assets.core.splits import split_users, user_fraction
 from automl_assets.core.tfrecord import import_tensorflow, tfrecord_dataset, write_tfrecord
-from resources.sagemaker import Endpoint, LocalSageMaker
+from resources.sagemaker import Endpoint, HourlyEndpoint, LocalSageMaker
 from automl_assets.core.training import (
     ENSEMBLE,
     META_FILE,
@@ -678,6 +678,32 @@ def test_cli_lists_and_stops_endpoints(trained_job, tmp_path, monkeypatch, capsy
         assert sagemaker.describe_endpoint("automl-buy-7d") is None
     finally:
         sagemaker.delete_endpoint("automl-buy-7d")
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [(None, HourlyEndpoint.AUTOMATED), ("1", HourlyEndpoint.ALWAYS), ("0", HourlyEndpoint.NEVER), (" Never ", HourlyEndpoint.NEVER)],
+)
+def test_hourly_endpoint_setting_defaults_to_automated_runs(value, expected, monkeypatch):
+    from resources.environments import resources_for_env
+
+    if value is None:
+        monkeypatch.delenv("AUTOML_HOURLY_ENDPOINT", raising=False)
+    else:
+        monkeypatch.setenv("AUTOML_HOURLY_ENDPOINT", value)
+    sagemaker = resources_for_env()["sagemaker"]
+    assert sagemaker.hourly_endpoint is expected
+    by_sensor, by_hand = {"dagster/sensor_name": "score_after_ingest"}, {"automl/scope": "active"}
+    assert sagemaker.scores_hourly_through_endpoint(by_sensor) is (expected is not HourlyEndpoint.NEVER)
+    assert sagemaker.scores_hourly_through_endpoint(by_hand) is (expected is HourlyEndpoint.ALWAYS)
+
+
+def test_an_unknown_hourly_endpoint_setting_says_what_is_accepted(monkeypatch):
+    from resources.environments import resources_for_env
+
+    monkeypatch.setenv("AUTOML_HOURLY_ENDPOINT", "yes")
+    with pytest.raises(ValueError, match="AUTOML_HOURLY_ENDPOINT='yes' is not understood; use automated"):
+        resources_for_env()
 
 
 def test_single_class_matrix_fails_the_job_with_a_readable_reason(tmp_path):
