@@ -1,7 +1,9 @@
 """A user's view: the Dagster webserver and daemon on 127.0.0.1 run the graph by themselves.
 
 Raw files are dropped under landing/, then a spec into the watched folder; with no other action, the sensors ingest,
-register, train and score. Then a backfill launched over GraphQL (as the UI does) completes in one run."""
+register, train and score. A file of the next hour is then ingested and its active users scored through the
+prediction's warm endpoint, as every hour of a running system. Then a backfill launched over GraphQL (as the UI does)
+completes in one run."""
 
 import gzip
 import os
@@ -12,10 +14,13 @@ import sys
 import time
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.compute as pc
 import pytest
 import requests
 
 from automl_assets.core.synthetic import SyntheticConfig, generate_events, write_amplitude_export
+from automl_assets.core.timewin import HOUR
 from resources.sagemaker import LocalSageMaker
 from tests.conftest import utc
 
@@ -23,6 +28,7 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 END = utc(2026, 3, 2)
+LANDING = Path("store", "landing", "synthetic")
 SPEC = """name: buy_7d
 outcome:
   event: purchase
@@ -88,6 +94,17 @@ class Dagster:
         found = data["assetOrError"].get("assetMaterializations") or []
         return {m["partition"] for m in found}
 
+    def text_metadata(self, asset: str, partition: str, label: str) -> list[str]:
+        """The text metadata entry `label` of each materialisation of the asset's partition."""
+        data = self.query(
+            "query($k: AssetKeyInput!, $p: [String!]) { assetOrError(assetKey: $k) { ... on Asset { "
+            "assetMaterializations(partitions: $p) { metadataEntries { label ... on TextMetadataEntry { text } } } } } }",
+            k={"path": [asset]},
+            p=[partition],
+        )
+        found = data["assetOrError"].get("assetMaterializations") or []
+        return [entry["text"] for m in found for entry in m["metadataEntries"] if entry["label"] == label]
+
 
 def wait_for(what: str, condition, timeout: float, logs: list[Path]):
     deadline = time.monotonic() + timeout
@@ -106,9 +123,8 @@ def dagster(tmp_path_factory):
     home, store, specs = tmp / "dagster_home", tmp / "store", tmp / "specs"
     for folder in (home, store, specs):
         folder.mkdir()
-    landing = store / "landing" / "synthetic"
     for chunk in generate_events(SyntheticConfig(n_users=5000, end=END, weeks=3, seed=3)):
-        write_amplitude_export(chunk, landing)
+        write_amplitude_export(chunk, tmp / LANDING)
     env = {
         **os.environ,
         "DAGSTER_HOME": str(home),
@@ -132,7 +148,7 @@ def dagster(tmp_path_factory):
         # The daemon starts once the webserver has created the instance's database: both creating it at once race.
         wait_for("the webserver", up, 120, logs)
         daemon = start([str(BIN / "dagster-daemon"), "run", "-w", "workspace.yaml"], env, logs[1])
-        yield client, specs, logs
+        yield client, tmp, logs
     finally:
         if daemon is not None:
             stop(daemon)
@@ -144,17 +160,31 @@ def dagster(tmp_path_factory):
 
 
 def test_sensors_ingest_register_train_and_score_without_any_other_action(dagster):
-    client, specs, logs = dagster
+    client, tmp, logs = dagster
 
     def ingested():
         return any(run["status"] == "SUCCESS" for run in client.runs("event_store_job"))
 
     wait_for("the new-data sensor's ingest run", ingested, 600, logs)
-    (specs / "buy_7d.yaml").write_text(SPEC)
+    (tmp / "specs" / "buy_7d.yaml").write_text(SPEC)
     partition = "2026-03-01-23:00|buy_7d"
     wait_for("scores of the new prediction", lambda: partition in client.materialised_partitions("scores"), 900, logs)
     assert partition in client.materialised_partitions("model")
     assert partition in client.materialised_partitions("calibrator")
+
+
+def test_the_next_hours_active_users_are_scored_through_the_warm_endpoint(dagster):
+    client, tmp, logs = dagster
+    generated = pa.concat_tables(generate_events(SyntheticConfig(n_users=5000, end=END + HOUR, weeks=1, seed=3)))
+    next_hour = generated.filter(pc.greater_equal(generated["event_time"], pa.scalar(END, generated.schema.field("event_time").type)))
+    assert next_hour.num_rows > 0
+    write_amplitude_export(next_hour, tmp / LANDING)
+    partition = "2026-03-02-00:00|buy_7d"
+    # The new-data sensor ingests the hour; score_after_ingest then scores its active users (no retrain is due).
+    wait_for("hourly scores of the new hour", lambda: partition in client.materialised_partitions("scores"), 600, logs)
+    assert client.text_metadata("scores", partition, "scope") == ["active"]
+    assert client.text_metadata("scores", partition, "scored_by") == ["endpoint automl-buy-7d"]
+    assert LocalSageMaker(work_root=str(tmp / "sagemaker")).describe_endpoint("automl-buy-7d") is not None
 
 
 def test_a_backfill_launched_like_the_ui_completes_in_one_run(dagster):
