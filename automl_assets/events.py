@@ -86,7 +86,7 @@ def hourly_rollups(
         metadata={
             "hours": len(hours_between(start, end)),
             **{f"{kind}_rows": count for kind, count in rows.items()},
-            "path": dg.MetadataValue.path(storage.path("rollups")),
-            "days_path": dg.MetadataValue.path(storage.path("rollups_daily")),
+            "path": dg.MetadataValue.path(storage.path(*layout.hourly_rollups_root())),
+            "days_path": dg.MetadataValue.path(storage.path(*layout.daily_rollups_root())),
         }
     )

@@ -179,8 +179,8 @@ def main(argv=None) -> int:
             # Each engine starts cold (no rollups in the store) and then builds every rollup itself.
             engine = None
             try:
-                storage.remove("rollups")
-                storage.remove("rollups_daily")
+                storage.remove(*layout.hourly_rollups_root())
+                storage.remove(*layout.daily_rollups_root())
                 with t.step(f"{name}_start", f"the project's {name} engine (embedded, default settings)"):
                     engine = c.make_engine(name)
                 with t.step(f"{name}_cold", f"{name}: feature_query ({len(query.columns)} columns) on a store without rollups: the rollup views compute them from the events, to parquet"):

@@ -14,6 +14,11 @@ def test_exact_paths(storage):
     assert storage.path(*layout.rollup_hour("counts", HOUR), "part-0.parquet") == str(
         root / "rollups/counts/hour=2026-03-01T05/part-0.parquet"
     )
+    assert storage.path(*layout.rollup_day("props", HOUR), "part-0.parquet") == str(
+        root / "rollups_daily/props/day=2026-03-01/part-0.parquet"
+    )
+    assert storage.path(*layout.hourly_rollups_root()) == str(root / "rollups")
+    assert storage.path(*layout.daily_rollups_root()) == str(root / "rollups_daily")
     assert storage.path(*layout.prediction_asset("buy_7d", "scores", HOUR, "scores.parquet")) == str(
         root / "predictions/buy_7d/scores/hour=2026-03-01T05/scores.parquet"
     )

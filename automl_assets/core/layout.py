@@ -31,20 +31,28 @@ def events_hour(hour_start: datetime) -> tuple[str, ...]:
     return ("events", f"hour={hour_token(hour_start)}", "events.parquet")
 
 
+def hourly_rollups_root() -> tuple[str, ...]:
+    return ("rollups",)
+
+
 def rollup_root(kind: str) -> tuple[str, ...]:
     if kind not in ROLLUP_KINDS:
         raise ValueError(f"unknown rollup kind {kind!r}; expected one of {ROLLUP_KINDS}")
-    return ("rollups", kind)
+    return (*hourly_rollups_root(), kind)
 
 
 def rollup_hour(kind: str, hour_start: datetime) -> tuple[str, ...]:
     return (*rollup_root(kind), f"hour={hour_token(hour_start)}")
 
 
+def daily_rollups_root() -> tuple[str, ...]:
+    return ("rollups_daily",)
+
+
 def rollup_days_root(kind: str) -> tuple[str, ...]:
     """UTC days of a rollup kind in one file each, which stands for every hour of its day (docs/design.md)."""
     rollup_root(kind)  # validates the kind
-    return ("rollups_daily", kind)
+    return (*daily_rollups_root(), kind)
 
 
 def rollup_day(kind: str, day: datetime) -> tuple[str, ...]:
