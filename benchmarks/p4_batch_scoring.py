@@ -16,7 +16,7 @@ other; the transform reads ahead in a thread) is printed as well.
 
 Endpoint latency: the chosen model is deployed as a local endpoint (LocalSageMaker.deploy: the entry script's
 `serve` mode, SageMaker's /ping and /invocations contract, on 127.0.0.1; deploying is not timed) and invoked over
-HTTP, the way an hourly run with AUTOML_HOURLY_ENDPOINT=1 scores its active users: ENDPOINT_REQUESTS requests of
+HTTP, the way an hourly run a sensor launches scores its active users: ENDPOINT_REQUESTS requests of
 1 row as JSON (a single user's real-time score) and of 1,000 and 10,000 rows as parquet (LocalSageMaker.invoke),
 reporting the median and 95th percentile round trip. The serving hooks alone, in-process, are timed on a 1-row JSON
 request for reference.

@@ -36,8 +36,10 @@ PARQUET = "application/x-parquet"
 PING_ATTEMPTS = 3
 DEPLOY_TIMEOUT_SECONDS = 120  # loading a model imports scikit-learn and LiteRT: seconds, not minutes
 INVOKE_TIMEOUT_SECONDS = 300
-# Tags the daemon puts on the runs a schedule or sensor launches (dagster._core.storage.tags, not public API).
+# Tags the daemon puts on the runs a schedule or sensor launches, and on re-executions and retries of a run
+# (dagster._core.storage.tags, not public API): a re-execution keeps its parent's tags, a retry adds its number.
 AUTOMATION_TAGS = ("dagster/schedule_name", "dagster/sensor_name")
+PARENT_RUN_TAG, RETRY_NUMBER_TAG = "dagster/parent_run_id", "dagster/retry_number"
 
 
 class HourlyEndpoint(enum.Enum):
@@ -121,8 +123,8 @@ class LocalSageMaker(dg.ConfigurableResource):
     hourly_endpoint: HourlyEndpoint = Field(
         default=HourlyEndpoint.AUTOMATED,
         description="Which hourly (active-user) runs score through a warm endpoint of the prediction's model instead "
-        "of a batch transform that loads it every hour: those a schedule or sensor launches (automated), all (always) "
-        "or none (never). Daily runs stay batch transforms.",
+        "of a batch transform that loads it every hour: those a schedule or sensor launches (AUTOMATED), all (ALWAYS) "
+        "or none (NEVER). Daily runs stay batch transforms.",
     )
     endpoint_idle_minutes: float = Field(
         default=90.0, description="A local endpoint stops itself after this long without an invocation (0: never)."
@@ -130,9 +132,11 @@ class LocalSageMaker(dg.ConfigurableResource):
 
     def scores_hourly_through_endpoint(self, run_tags: Mapping[str, str]) -> bool:
         """Whether an hourly run with these tags scores through the endpoint. Automated runs come every hour, so a
-        warm model pays; a run started by hand leaves no process behind."""
+        warm model pays; a run started by hand leaves no process behind. A re-execution from the UI is started by hand
+        (it may be of an older hour, whose model would replace the warm one); the daemon's automatic retry is not."""
         if self.hourly_endpoint is HourlyEndpoint.AUTOMATED:
-            return any(tag in run_tags for tag in AUTOMATION_TAGS)
+            by_hand = PARENT_RUN_TAG in run_tags and RETRY_NUMBER_TAG not in run_tags
+            return not by_hand and any(tag in run_tags for tag in AUTOMATION_TAGS)
         return self.hourly_endpoint is HourlyEndpoint.ALWAYS
 
     @contextmanager
@@ -286,15 +290,19 @@ class LocalSageMaker(dg.ConfigurableResource):
             setsid=True,
         )
         deadline = time.monotonic() + DEPLOY_TIMEOUT_SECONDS
-        while not (port_file.exists() and _answers_ping(url := f"http://127.0.0.1:{port_file.read_text()}")):
-            exited = _exited(pid)
-            if exited or time.monotonic() > deadline:
-                if not exited:
-                    os.kill(pid, signal.SIGKILL)
-                    os.waitpid(pid, 0)
-                reason = failure.read_text().strip() if failure.exists() else f"see {log_file}"
-                raise dg.Failure(f"endpoint {name} did not come up serving {model_dir}: {reason}")
-            time.sleep(0.1)
+        try:
+            while not (port_file.exists() and _answers_ping(url := f"http://127.0.0.1:{port_file.read_text()}")):
+                if _exited(pid) or time.monotonic() > deadline:
+                    reason = failure.read_text().strip() if failure.exists() else f"see {log_file}"
+                    raise dg.Failure(f"endpoint {name} did not come up serving {model_dir}: {reason}")
+                time.sleep(0.1)
+        except BaseException:
+            # Also when the run is terminated meanwhile: no state file names the process yet, so nothing else could
+            # stop it before its idle time.
+            with contextlib.suppress(ProcessLookupError, ChildProcessError):
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+            raise
         started = _process_start(pid)
         if started is None:
             raise dg.Failure(f"endpoint {name} exited right after answering /ping: see {log_file}")

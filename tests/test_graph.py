@@ -199,6 +199,7 @@ def test_hourly_scores_through_a_warm_endpoint_equal_the_batch_transform(graph, 
         assert sagemaker.describe_endpoint(name) == endpoint  # the second hour used the warm process
         assert score_hour("cohort", launched_by_sensor=True)[0] == "batch transform"  # daily runs stay batch transforms
     finally:
-        assert sagemaker.delete_endpoint(name)
+        stopped = sagemaker.delete_endpoint(name)
+    assert stopped
     assert 0 < len(warm) < len(read(storage, "cohort", "infer"))
     pd.testing.assert_frame_equal(warm, batch, rtol=1e-5)  # float32 networks on other batch shapes

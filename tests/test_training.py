@@ -682,20 +682,33 @@ def test_cli_lists_and_stops_endpoints(trained_job, tmp_path, monkeypatch, capsy
 
 @pytest.mark.parametrize(
     ("value", "expected"),
-    [(None, HourlyEndpoint.AUTOMATED), ("1", HourlyEndpoint.ALWAYS), ("0", HourlyEndpoint.NEVER), (" Never ", HourlyEndpoint.NEVER)],
+    [
+        (None, HourlyEndpoint.AUTOMATED),
+        ("automated", HourlyEndpoint.AUTOMATED),
+        ("1", HourlyEndpoint.ALWAYS),
+        ("always", HourlyEndpoint.ALWAYS),
+        ("0", HourlyEndpoint.NEVER),
+        (" Never ", HourlyEndpoint.NEVER),
+    ],
 )
 def test_hourly_endpoint_setting_defaults_to_automated_runs(value, expected, monkeypatch):
-    from resources.environments import resources_for_env
+    from resources.environments import hourly_endpoint_from_env
 
     if value is None:
         monkeypatch.delenv("AUTOML_HOURLY_ENDPOINT", raising=False)
     else:
         monkeypatch.setenv("AUTOML_HOURLY_ENDPOINT", value)
-    sagemaker = resources_for_env()["sagemaker"]
-    assert sagemaker.hourly_endpoint is expected
-    by_sensor, by_hand = {"dagster/sensor_name": "score_after_ingest"}, {"automl/scope": "active"}
-    assert sagemaker.scores_hourly_through_endpoint(by_sensor) is (expected is not HourlyEndpoint.NEVER)
-    assert sagemaker.scores_hourly_through_endpoint(by_hand) is (expected is HourlyEndpoint.ALWAYS)
+    assert hourly_endpoint_from_env() is expected
+    sagemaker = LocalSageMaker(hourly_endpoint=expected)
+    by_sensor = {"dagster/sensor_name": "score_after_ingest"}
+    by_schedule = {"dagster/schedule_name": "hourly"}
+    retried_by_the_daemon = {**by_sensor, "dagster/parent_run_id": "a", "dagster/retry_number": "1"}
+    by_hand = {"automl/scope": "active"}
+    re_executed_by_hand = {**by_sensor, "dagster/parent_run_id": "a"}  # a re-execution keeps its parent's tags
+    for automated in (by_sensor, by_schedule, retried_by_the_daemon):
+        assert sagemaker.scores_hourly_through_endpoint(automated) is (expected is not HourlyEndpoint.NEVER)
+    for manual in (by_hand, re_executed_by_hand):
+        assert sagemaker.scores_hourly_through_endpoint(manual) is (expected is HourlyEndpoint.ALWAYS)
 
 
 def test_an_unknown_hourly_endpoint_setting_says_what_is_accepted(monkeypatch):
