@@ -289,17 +289,18 @@ class LocalSageMaker(dg.ConfigurableResource):
             ],
             setsid=True,
         )
-        deadline = time.monotonic() + DEPLOY_TIMEOUT_SECONDS
+        deadline, exited = time.monotonic() + DEPLOY_TIMEOUT_SECONDS, False
         try:
             while not (port_file.exists() and _answers_ping(url := f"http://127.0.0.1:{port_file.read_text()}")):
-                if _exited(pid) or time.monotonic() > deadline:
+                exited = _exited(pid)  # reaped: its pid may be another process's from now on
+                if exited or time.monotonic() > deadline:
                     reason = failure.read_text().strip() if failure.exists() else f"see {log_file}"
                     raise dg.Failure(f"endpoint {name} did not come up serving {model_dir}: {reason}")
                 time.sleep(0.1)
         except BaseException:
             # Also when the run is terminated meanwhile: no state file names the process yet, so nothing else could
             # stop it before its idle time.
-            with contextlib.suppress(ProcessLookupError, ChildProcessError):
+            if not exited:
                 os.kill(pid, signal.SIGKILL)
                 os.waitpid(pid, 0)
             raise

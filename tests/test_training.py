@@ -661,6 +661,31 @@ def test_an_idle_endpoint_stops_itself_and_a_broken_one_says_why(trained_job, tm
         sagemaker.deploy("broken", tmp_path / "missing", print)
 
 
+def test_an_endpoint_whose_deploy_is_interrupted_is_not_left_running(trained_job, tmp_path, monkeypatch):
+    """A run terminated while its endpoint starts (Dagster raises a BaseException in the step) kills the process:
+    no state file names it yet, so `automl endpoints --stop all` could not."""
+    import resources.sagemaker as sagemaker_module
+
+    class Terminated(BaseException):
+        pass
+
+    spawned = []
+    spawn = os.posix_spawn
+    monkeypatch.setattr(os, "posix_spawn", lambda *args, **kwargs: spawned.append(spawn(*args, **kwargs)) or spawned[-1])
+
+    def terminated_while_pinging(url, attempts=1):
+        raise Terminated
+
+    monkeypatch.setattr(sagemaker_module, "_answers_ping", terminated_while_pinging)
+    sagemaker = LocalSageMaker(work_root=str(tmp_path))
+    with pytest.raises(Terminated):
+        sagemaker.deploy("interrupted", trained_job[0] / "model", print)
+    assert len(spawned) == 1
+    with pytest.raises(ProcessLookupError):  # killed and reaped
+        os.kill(spawned[0], 0)
+    assert sagemaker.endpoint_names() == []
+
+
 def test_cli_lists_and_stops_endpoints(trained_job, tmp_path, monkeypatch, capsys):
     from automl_assets.cli import main
 
