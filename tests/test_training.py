@@ -307,6 +307,8 @@ def test_every_combination_of_candidates_competes_and_a_pair_round_trips(tmp_pat
         members = name.split("+") if name != ENSEMBLE else list(training.MODELS)
         assert [member.name for member in outcome.models[name].model] == members
         mean = np.mean([outcome.models[member].predict(rows) for member in members], axis=0)
+        # Exactly the members' mean, also where they share one signed_log1p of the rows.
+        np.testing.assert_array_equal(outcome.models[name].predict(rows), mean)
         expected = summarise(rows["label"].to_numpy(), training.to_prior(mean, rate))["log_loss"]
         assert outcome.metrics[name]["log_loss"] == pytest.approx(expected, rel=1e-9), name
 
