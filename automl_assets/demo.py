@@ -10,7 +10,7 @@ from automl_assets.cli import _instance, _storage
 from automl_assets.core import layout
 from automl_assets.core.spec import load_spec
 from automl_assets.core.synthetic import SyntheticConfig, generate_events, write_amplitude_export
-from automl_assets.core.timewin import HOUR, WEEK, hour_key, hour_token
+from automl_assets.core.timewin import HOUR, WEEK, hour_key
 from automl_assets.predictions import register_prediction
 from automl_assets.runs import run_event_store, run_prediction
 
@@ -42,9 +42,8 @@ def run_demo(users: int, weeks: int, seed: int, end: datetime | None = None) -> 
     result = run_prediction(instance, spec.name, hour, scope="cohort")
 
     print("4/4 results")
-    token = f"hour={hour_token(hour)}"
-    metrics = storage.read_json("predictions", spec.name, "model", token, "output", "metrics.json")
-    calibration = storage.read_json("predictions", spec.name, "calibrator", token, "calibrator.json")
+    metrics = storage.read_json(*layout.prediction_asset(spec.name, "model", hour, "output", "metrics.json"))
+    calibration = storage.read_json(*layout.prediction_asset(spec.name, "calibrator", hour, "calibrator.json"))
     chosen = metrics["chosen"]
     print(f"    candidates (validation: {metrics['n_validation']:,} rows, every weekly snapshot of 20% of users held out):")
     width = max(map(len, metrics["metrics"]))

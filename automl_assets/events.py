@@ -5,7 +5,7 @@ import dagster as dg
 
 from automl_assets import checks
 from automl_assets.core import event_store, layout
-from automl_assets.core.timewin import HOUR, hour_from_token, hours_between
+from automl_assets.core.timewin import HOUR, hours_between
 from automl_assets.partitions import hour_range, hourly_partitions
 from resources.engine import EngineResource
 from resources.storage import LocalStorage
@@ -17,8 +17,8 @@ FRESHNESS_LIMIT = 3 * HOUR  # an hour's files may arrive an hour or two late; th
 
 def freshness(storage, covered_until) -> dg.AssetCheckResult:
     """Whether events keep arriving: the newest stored hour against the end of the hours this run covered."""
-    hours = storage.list_dir(*layout.events_root())
-    newest = hour_from_token(hours[-1].removeprefix("hour=")) + HOUR if hours else None
+    newest_hour = event_store.newest_stored_hour(storage)
+    newest = newest_hour + HOUR if newest_hour else None
     lag = (covered_until - newest) if newest else None
     passed = lag is not None and lag <= FRESHNESS_LIMIT
     return dg.AssetCheckResult(

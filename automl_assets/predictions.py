@@ -10,7 +10,6 @@ from automl_assets.core.spec import PredictionSpec, SpecError, spec_from_text
 from automl_assets.core.timewin import (
     PartitionTimes,
     TrainingSnapshot,
-    hour_from_token,
     hour_token,
     is_cadence_hour,
     partition_times,
@@ -99,7 +98,7 @@ def snapshot_role(snapshot: TrainingSnapshot) -> tuple[str, ...]:
 def history_start(storage) -> datetime | None:
     """The first hour in the event store."""
     hours = storage.list_dir(*layout.events_root())
-    return hour_from_token(hours[0].removeprefix("hour=")) if hours else None
+    return layout.folder_hour(hours[0]) if hours else None
 
 
 def candidate_snapshots(storage, run: PredictionRun) -> list[TrainingSnapshot]:
@@ -159,7 +158,7 @@ def promotion_parts(prediction: str, hour: datetime) -> tuple[str, ...]:
 
 def trained_hours(storage, prediction: str) -> list[datetime]:
     root = layout.prediction_asset_root(prediction, "model")
-    return sorted(hour_from_token(name.removeprefix("hour=")) for name in storage.list_dir(*root) if name.startswith("hour="))
+    return sorted(layout.folder_hour(name) for name in storage.list_dir(*root) if name.startswith(layout.HOUR_PREFIX))
 
 
 def model_in_force(storage, prediction: str, hour: datetime, before: bool = False) -> datetime | None:

@@ -39,11 +39,6 @@ REASON_TAG = "automl/reason"
 STAGING_SECONDS_PER_TICK = 20  # staging parses files inside the sensor: bound a tick's work, the cursor resumes
 
 
-def newest_stored_hour(storage) -> datetime | None:
-    hours = storage.list_dir(*layout.events_root())
-    return hour_from_token(hours[-1].removeprefix("hour=")) if hours else None
-
-
 def retrain_due(storage, prediction: str, hour: datetime) -> bool:
     spec = stored_spec(storage, prediction)
     return model_in_force(storage, prediction, hour) is None or is_cadence_hour(hour + HOUR, spec.retrain_delta)
@@ -133,7 +128,7 @@ def prediction_specs(context: dg.SensorEvaluationContext, storage: LocalStorage,
     folder = Path(spec_folder.path)
     files = {p.stem: p for p in sorted(folder.glob("*.yaml"))} if folder.is_dir() else {}
     current, partitions, runs, notes = {}, [], [], []
-    newest = newest_stored_hour(storage)
+    newest = event_store.newest_stored_hour(storage)
     for name, path in files.items():
         digest = _digest(path)
         current[name] = digest
@@ -203,12 +198,12 @@ def new_raw_events(context: dg.SensorEvaluationContext, storage: LocalStorage):
 def drift_report(storage, prediction: str) -> tuple[float, str] | None:
     """The worst PSI between the training matrix of the model in force and the newest inference matrix (features
     and calibrated scores), with a sentence naming where it is."""
-    newest = newest_stored_hour(storage)
+    newest = event_store.newest_stored_hour(storage)
     trained = model_in_force(storage, prediction, newest) if newest else None
     infer_hours = storage.list_dir(*layout.prediction_asset_root(prediction, "feature_matrix"))
     if trained is None or not infer_hours:
         return None
-    latest = hour_from_token(infer_hours[-1].removeprefix("hour="))
+    latest = layout.folder_hour(infer_hours[-1])
     train = pd.read_parquet(storage.path(*layout.prediction_asset(prediction, "feature_matrix", trained, "train", "matrix.parquet")))
     train = train[train["snapshot"] == 0]  # the newest training snapshot: the population the model was validated on
     infer_path = layout.prediction_asset(prediction, "feature_matrix", latest, "infer", "matrix.parquet")
@@ -238,7 +233,7 @@ def drift_report(storage, prediction: str) -> tuple[float, str] | None:
 def drift(context: dg.SensorEvaluationContext, storage: LocalStorage):
     requested: dict[str, str] = json.loads(context.cursor) if context.cursor else {}
     runs, notes = [], []
-    newest = newest_stored_hour(storage)
+    newest = event_store.newest_stored_hour(storage)
     for name in active_predictions(storage):
         report = drift_report(storage, name)
         if report is None:

@@ -17,6 +17,8 @@ def test_exact_paths(storage):
     assert storage.path(*layout.rollup_day("props", HOUR), "part-0.parquet") == str(
         root / "rollups_daily/props/day=2026-03-01/part-0.parquet"
     )
+    assert storage.path(*layout.staged_hour("abc", HOUR)) == str(root / "staging/abc/hour=2026-03-01T05.parquet")
+    assert layout.hour_folder(HOUR) == "hour=2026-03-01T05" and layout.folder_hour("hour=2026-03-01T05") == HOUR
     assert storage.path(*layout.hourly_rollups_root()) == str(root / "rollups")
     assert storage.path(*layout.daily_rollups_root()) == str(root / "rollups_daily")
     assert storage.path(*layout.prediction_asset("buy_7d", "scores", HOUR, "scores.parquet")) == str(

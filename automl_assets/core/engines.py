@@ -14,14 +14,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from automl_assets.core import layout, spark_jobs
+from automl_assets.core import event_store, layout, spark_jobs
 from automl_assets.core.timewin import (
     DAY,
     HOUR,
     HOURS_PER_DAY,
     epoch_hour,
     from_epoch_hour,
-    hour_from_token,
     hours_between,
     hours_by_day,
 )
@@ -134,7 +133,7 @@ def remove_replaced_hours(storage, now: datetime) -> None:
     """Remove the hourly files of days whose day file (which readers use instead) is REPLACED_HOURS_KEPT old."""
     for kind in layout.ROLLUP_KINDS:
         stored_days = set(storage.list_dir(*layout.rollup_days_root(kind)))
-        hourly = [hour_from_token(name.removeprefix("hour=")) for name in storage.list_dir(*layout.rollup_root(kind))]
+        hourly = [layout.folder_hour(name) for name in storage.list_dir(*layout.rollup_root(kind))]
         for day, day_hours in hours_by_day(hourly).items():
             day_parts = layout.rollup_day(kind, day)
             if day_parts[-1] not in stored_days:
@@ -175,8 +174,7 @@ def build_rollups_by_week(
     by_day = hours_by_day(hours)
     whole_days = {day for day, day_hours in by_day.items() if len(day_hours) == HOURS_PER_DAY}
     # A day is over once the build reaches its end or events after it are stored.
-    stored = storage.list_dir(*layout.events_root())
-    newest = max(hours[-1], hour_from_token(stored[-1].removeprefix("hour="))) if stored else hours[-1]
+    newest = max(hours[-1], event_store.newest_stored_hour(storage) or hours[-1])
     ended_in_part = [day for day in by_day if day not in whole_days and day + DAY <= newest + HOUR]
     days = list(by_day.values())
     written: list[tuple[str, Future]] = []

@@ -56,6 +56,12 @@ def split_by_hour(table: pa.Table) -> dict[datetime, pa.Table]:
     return {from_epoch_hour(key): chunk for key, chunk in slices_by_key(table, micros // _MICROS_PER_HOUR).items()}
 
 
+def newest_stored_hour(storage) -> datetime | None:
+    """The newest hour in the event store."""
+    hours = storage.list_dir(*layout.events_root())
+    return layout.folder_hour(hours[-1]) if hours else None
+
+
 def landing_files(storage) -> list[Path]:
     root = Path(storage.path(*layout.landing()))
     if not root.is_dir():
@@ -81,7 +87,7 @@ def stage_file(storage, path: Path, fmt: str | None = None, mapping: ColumnMappi
     canonical = result.events.select(EVENT_SCHEMA.names).cast(EVENT_SCHEMA).sort_by(CANONICAL_ORDER)
     chunks = split_by_hour(canonical)
     for hour, chunk in chunks.items():
-        storage.write_table(chunk, *layout.staging(digest), f"hour={hour_token(hour)}.parquet")
+        storage.write_table(chunk, *layout.staged_hour(digest, hour))
     if result.quarantine.num_rows:
         storage.write_table(result.quarantine, *layout.quarantine(digest))
     manifest = {
@@ -130,7 +136,7 @@ def merge_hours(storage, hours: list[datetime], manifests: list[dict]) -> dict[s
     def merge(hour: datetime) -> Counter:
         token = hour_token(hour)
         target = layout.events_hour(hour)
-        chunk_parts = [(*layout.staging(d), f"hour={token}.parquet") for d in sorted(chunks_by_hour.get(token, []))]
+        chunk_parts = [layout.staged_hour(d, hour) for d in sorted(chunks_by_hour.get(token, []))]
         if not storage.exists(*target) and len(chunk_parts) == 1:
             # A new hour from one file (the usual first ingest): its staged chunk is already the merged hour.
             storage.copy(chunk_parts[0], target)

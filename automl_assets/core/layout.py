@@ -6,9 +6,20 @@ store also reads as a Hive-partitioned lake.
 
 from datetime import datetime
 
-from automl_assets.core.timewin import day_token, hour_token
+from automl_assets.core.timewin import day_token, hour_from_token, hour_token
 
 ROLLUP_KINDS = ("counts", "props", "users")
+HOUR_PREFIX = "hour="
+
+
+def hour_folder(hour_start: datetime) -> str:
+    """The name an hour goes by in the store: `hour=YYYY-MM-DDTHH`."""
+    return f"{HOUR_PREFIX}{hour_token(hour_start)}"
+
+
+def folder_hour(name: str) -> datetime:
+    """The hour a stored `hour=…` name stands for."""
+    return hour_from_token(name.removeprefix(HOUR_PREFIX))
 
 
 def landing() -> tuple[str, ...]:
@@ -17,6 +28,10 @@ def landing() -> tuple[str, ...]:
 
 def staging(file_digest: str) -> tuple[str, ...]:
     return ("staging", file_digest)
+
+
+def staged_hour(file_digest: str, hour_start: datetime) -> tuple[str, ...]:
+    return (*staging(file_digest), f"{hour_folder(hour_start)}.parquet")
 
 
 def quarantine(file_digest: str) -> tuple[str, ...]:
@@ -28,7 +43,7 @@ def events_root() -> tuple[str, ...]:
 
 
 def events_hour(hour_start: datetime) -> tuple[str, ...]:
-    return ("events", f"hour={hour_token(hour_start)}", "events.parquet")
+    return ("events", hour_folder(hour_start), "events.parquet")
 
 
 def hourly_rollups_root() -> tuple[str, ...]:
@@ -42,7 +57,7 @@ def rollup_root(kind: str) -> tuple[str, ...]:
 
 
 def rollup_hour(kind: str, hour_start: datetime) -> tuple[str, ...]:
-    return (*rollup_root(kind), f"hour={hour_token(hour_start)}")
+    return (*rollup_root(kind), hour_folder(hour_start))
 
 
 def daily_rollups_root() -> tuple[str, ...]:
@@ -76,7 +91,7 @@ def prediction_asset_root(prediction: str, asset: str) -> tuple[str, ...]:
 
 
 def prediction_asset(prediction: str, asset: str, hour_start: datetime, *name: str) -> tuple[str, ...]:
-    return (*prediction_asset_root(prediction, asset), f"hour={hour_token(hour_start)}", *name)
+    return (*prediction_asset_root(prediction, asset), hour_folder(hour_start), *name)
 
 
 def latest_scores(prediction: str) -> tuple[str, ...]:

@@ -9,7 +9,7 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import types as T
 
 from automl_assets.core import layout
-from automl_assets.core.timewin import epoch_hour, hour_token, hours_by_day
+from automl_assets.core.timewin import epoch_hour, hours_by_day
 
 _PROPERTIES = T.MapType(T.StringType(), T.StringType())
 EVENTS = T.StructType(
@@ -87,7 +87,7 @@ def prepare(spark: SparkSession) -> SparkSession:
 
 def existing_hour_paths(storage, root: tuple[str, ...], hours: list[datetime], leaf: tuple[str, ...]) -> list[str]:
     present = set(storage.list_dir(*root))
-    return [storage.path(*root, name, *leaf) for name in (f"hour={hour_token(h)}" for h in hours) if name in present]
+    return [storage.path(*root, name, *leaf) for name in map(layout.hour_folder, hours) if name in present]
 
 
 def read_events(spark: SparkSession, storage, hours: list[datetime]) -> DataFrame:
@@ -140,7 +140,7 @@ def unrolled_hours(storage, hours: list[datetime]) -> list[datetime]:
     return [
         hour
         for hour in hours
-        if (name := f"hour={hour_token(hour)}") in with_events
+        if (name := layout.hour_folder(hour)) in with_events
         and name not in rolled_up
         and layout.rollup_day("counts", hour)[-1] not in whole_days
     ]

@@ -17,7 +17,7 @@ WEEK = timedelta(days=7)
 HOURS_PER_DAY = 24
 HOUR_KEY_FORMAT = "%Y-%m-%d-%H:%M"  # Dagster's hourly partition key format
 _DURATION = re.compile(r"^\s*(\d+)\s*([hdw])\s*$")
-_UNIT = {"h": HOUR, "d": timedelta(days=1), "w": WEEK}
+_UNIT = {"h": HOUR, "d": DAY, "w": WEEK}
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
 
