@@ -7,6 +7,7 @@ import pandas as pd
 
 from automl_assets import checks
 from automl_assets.cohort import cohort
+from automl_assets.core import event_store
 from automl_assets.core.feature_sql import matrix_query, training_matrix_query
 from automl_assets.core.tfrecord import write_tfrecord
 from automl_assets.features import feature_aggregates
@@ -15,7 +16,6 @@ from automl_assets.partitions import prediction_hour_partitions
 from automl_assets.predictions import (
     INFER,
     PredictionRun,
-    history_start,
     prediction_run,
     snapshot_role,
     stacked_snapshots,
@@ -93,7 +93,7 @@ def feature_matrix(
             "path": dg.MetadataValue.path(storage.path(*run.parts("feature_matrix"))),
         },
         check_results=[
-            checks.training_eligibility(train, history_start(storage), run.times.train_lookback_start),
+            checks.training_eligibility(train, event_store.oldest_stored_hour(storage), run.times.train_lookback_start),
             checks.no_leakage(train, columns),
         ],
     )

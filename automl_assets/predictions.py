@@ -5,7 +5,7 @@ from datetime import datetime, timedelta
 
 import dagster as dg
 
-from automl_assets.core import layout
+from automl_assets.core import event_store, layout
 from automl_assets.core.spec import PredictionSpec, SpecError, spec_from_text
 from automl_assets.core.timewin import (
     PartitionTimes,
@@ -95,17 +95,11 @@ def snapshot_role(snapshot: TrainingSnapshot) -> tuple[str, ...]:
     return ("train", f"weeks_back={snapshot.weeks_back}")
 
 
-def history_start(storage) -> datetime | None:
-    """The first hour in the event store."""
-    hours = storage.list_dir(*layout.events_root())
-    return layout.folder_hour(hours[0]) if hours else None
-
-
 def candidate_snapshots(storage, run: PredictionRun) -> list[TrainingSnapshot]:
     """The weekly training snapshots the spec allows and the history covers (features and cohort read back the longer
     of the lookback and `cohort.active_within`)."""
     reads_before = max(run.spec.lookback, run.spec.active_within_delta)
-    return training_snapshots(run.times, run.spec.training_snapshots, reads_before, history_start(storage))
+    return training_snapshots(run.times, run.spec.training_snapshots, reads_before, event_store.oldest_stored_hour(storage))
 
 
 def stacked_snapshots(storage, run: PredictionRun) -> list[TrainingSnapshot]:

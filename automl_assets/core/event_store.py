@@ -56,10 +56,19 @@ def split_by_hour(table: pa.Table) -> dict[datetime, pa.Table]:
     return {from_epoch_hour(key): chunk for key, chunk in slices_by_key(table, micros // _MICROS_PER_HOUR).items()}
 
 
+def _stored_hour_at(storage, position: int) -> datetime | None:
+    hours = storage.list_dir(*layout.events_root())  # sorted, and hour names sort in time order
+    return layout.folder_hour(hours[position]) if hours else None
+
+
+def oldest_stored_hour(storage) -> datetime | None:
+    """The first hour in the event store: where its history starts."""
+    return _stored_hour_at(storage, 0)
+
+
 def newest_stored_hour(storage) -> datetime | None:
     """The newest hour in the event store."""
-    hours = storage.list_dir(*layout.events_root())
-    return layout.folder_hour(hours[-1]) if hours else None
+    return _stored_hour_at(storage, -1)
 
 
 def landing_files(storage) -> list[Path]:
