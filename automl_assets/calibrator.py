@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 
 from automl_assets.core import layout
-from automl_assets.core.calibration import fit_calibrator
+from automl_assets.core.calibration import fit_calibrator, to_prior
 from automl_assets.core.metrics import reliability_table, summarise
 from automl_assets.core.splits import user_fraction
 from automl_assets.model import model
@@ -25,12 +25,12 @@ def calibrator_parts(prediction: str, hour: datetime) -> tuple[str, ...]:
     return layout.prediction_asset(prediction, "calibrator", hour, "calibrator.json")
 
 
-def reliability_markdown(label: np.ndarray, raw: np.ndarray, calibrated: np.ndarray) -> str:
+def reliability_markdown(label: np.ndarray, uncalibrated: np.ndarray, calibrated: np.ndarray) -> str:
     """Predicted vs observed rate per score decile, before and after calibration, with bars to eyeball the gap."""
-    before = reliability_table(label, raw)
+    before = reliability_table(label, uncalibrated)
     after = reliability_table(label, calibrated)
     bar = lambda v: "█" * int(round(v * 40))  # noqa: E731
-    lines = ["| decile | raw mean | calibrated mean | observed | observed rate |", "|---|---|---|---|---|"]
+    lines = ["| decile | model mean | calibrated mean | observed | observed rate |", "|---|---|---|---|---|"]
     for (_, b), (_, a) in zip(before.iterrows(), after.iterrows()):
         lines.append(f"| {int(a['bin']) + 1} | {b['mean_pred']:.3f} | {a['mean_pred']:.3f} | {a['mean_obs']:.3f} | {bar(a['mean_obs'])} |")
     return "\n".join(lines)
@@ -58,7 +58,11 @@ def calibrator(context: dg.AssetExecutionContext, storage: LocalStorage) -> dg.M
         final = fit_calibrator(raw, label)
     except ValueError as error:
         raise dg.Failure(f"cannot calibrate {run.prediction}: {error}. Materialise a later hour or widen the cohort.") from None
-    before, after = summarise(label, raw), summarise(label, crossed)
+    # "Before" is the model's own probability (its raw score at the training prior), as the model asset reports it;
+    # the raw score itself is learnt under balanced classes, and against it any calibrator would look good.
+    train_positive_rate = storage.read_json(*run.parts("model", "output", "metrics.json"))["train_positive_rate"]
+    uncalibrated = to_prior(raw, train_positive_rate)
+    before, after = summarise(label, uncalibrated), summarise(label, crossed)
     calibrated = final.predict(raw)
     reference = np.quantile(calibrated, np.linspace(0, 1, REFERENCE_QUANTILES)).tolist()
     storage.write_json(
@@ -75,7 +79,7 @@ def calibrator(context: dg.AssetExecutionContext, storage: LocalStorage) -> dg.M
             "brier_after": after["brier"],
             "auc": before["auc"],
             "held_out_users": before["n"],
-            "reliability": dg.MetadataValue.md(reliability_markdown(label, raw, calibrated)),
+            "reliability": dg.MetadataValue.md(reliability_markdown(label, uncalibrated, calibrated)),
             **run.describe(),
         }
     )

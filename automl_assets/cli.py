@@ -56,11 +56,15 @@ def cmd_ingest(args) -> int:
     for source in map(Path, args.paths):
         manifest = event_store.stage_file(storage, source, args.format, mapping)
         # Keep the raw file in landing/ (with its mapping) so a rebuild of the store finds it again.
+        # The mapping first, and the file under a hidden name then renamed: the landing sensor never sees a file
+        # half copied, or one without its mapping.
         folder = Path(storage.path(*layout.landing(), manifest["digest"]))
         folder.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(source, folder / source.name)
         if mapping:
             (folder / event_store.MAPPING_FILE).write_text(args.mapping)
+        hidden = folder / f".{source.name}.tmp"
+        shutil.copy2(source, hidden)
+        hidden.replace(folder / source.name)
         hours.update(hour_from_token(token) for token in manifest["hours"])
         print(f"{source}: {manifest['events']} events in {len(manifest['hours'])} hours, quarantined {manifest['quarantined'] or 'none'}")
     if not hours:

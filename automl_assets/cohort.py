@@ -12,6 +12,7 @@ from automl_assets.events import hourly_rollups
 from automl_assets.partitions import prediction_hour_partitions
 from automl_assets.predictions import (
     INFER,
+    SCOPE_FILE,
     SNAPSHOTS_FILE,
     candidate_snapshots,
     prediction_run,
@@ -72,6 +73,7 @@ def cohort(context: dg.AssetExecutionContext, storage: LocalStorage, engine: Eng
 
     scope = scoring_scope(context, run)
     metadata = {"infer_users": write(INFER, run.times.as_of, only_active=scope == "active"), "scope": scope}
+    storage.write_json({"scope": scope}, *run.parts("cohort", SCOPE_FILE))
     if snapshots:
         train_users = []
         for snapshot in snapshots:

@@ -10,7 +10,7 @@ from automl_assets.cohort import cohort
 from automl_assets.core import event_store
 from automl_assets.core.feature_sql import matrix_query, training_matrix_query
 from automl_assets.core.tfrecord import write_tfrecord
-from automl_assets.features import feature_aggregates
+from automl_assets.features import COLUMNS_FILE, feature_aggregates
 from automl_assets.labels import labels
 from automl_assets.partitions import prediction_hour_partitions
 from automl_assets.predictions import (
@@ -33,10 +33,10 @@ def matrix_parts(run: PredictionRun, role: str, name: str = MATRIX) -> tuple[str
     return run.parts("feature_matrix", role, name)
 
 
-def matrix_sql(sql, cohort_path: str, columns) -> str:
+def matrix_sql(sql, cohort_path: str, columns, absent: dict[str, float]) -> str:
     """Cohort users left-joined to their features (view `features`, registered by the caller): the inference join."""
     sql.register_parquet("cohort", cohort_path)
-    return matrix_query(tuple(columns))
+    return matrix_query(tuple(columns), absent)
 
 
 @dg.asset(
@@ -59,10 +59,11 @@ def feature_matrix(
             "are supported so far. Use `outcome: {event: ...}`."
         )
     sql = engine.engine()
-    columns = storage.read_json(*run.parts("feature_aggregates", "columns.json"))
+    stored = storage.read_json(*run.parts("feature_aggregates", COLUMNS_FILE))
+    columns, absent = stored["columns"], stored["absent"]
     path = lambda *name: storage.path(*run.parts(*name))  # noqa: E731
     sql.register_parquet("features", path("feature_aggregates", *INFER))
-    infer_rows = sql.write(matrix_sql(sql, path("cohort", *INFER), columns), storage, matrix_parts(run, *INFER))
+    infer_rows = sql.write(matrix_sql(sql, path("cohort", *INFER), columns, absent), storage, matrix_parts(run, *INFER))
     metadata = {"infer_rows": infer_rows, "n_features": len(columns), **run.describe()}
     if not trains_in_this_run(context):
         reason = "This run only scores: no training matrix was built."
@@ -76,7 +77,7 @@ def feature_matrix(
         sql.register_parquet(f"cohort_{k}", path("cohort", *role))
         sql.register_parquet(f"features_{k}", path("feature_aggregates", *role))
         sql.register_parquet(f"labels_{k}", path("labels", *role))
-    train_query = training_matrix_query(tuple(columns), len(snapshots))
+    train_query = training_matrix_query(tuple(columns), absent, len(snapshots))
     train_rows = sql.write(train_query, storage, matrix_parts(run, "train"))
     train = pd.read_parquet(storage.path(*matrix_parts(run, "train")))
     with storage.temp_dir() as temp:

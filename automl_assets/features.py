@@ -15,6 +15,9 @@ from resources.engine import EngineResource
 from resources.storage import LocalStorage
 
 
+COLUMNS_FILE = "columns.json"  # the feature columns in matrix order, and their values for users without a row
+
+
 def load_taxonomy(storage, run: PredictionRun) -> Taxonomy:
     return Taxonomy.from_dict(storage.read_json(*run.parts("taxonomy", TAXONOMY_FILE))["taxonomy"])
 
@@ -42,13 +45,13 @@ def feature_aggregates(
     sql = engine.engine()
     chosen = load_taxonomy(storage, run)
     cutoffs = cutoffs_by_role(context, storage, run)
-    sql.register_rollups(storage, hours_between(min(cutoffs.values()) - run.spec.lookback, run.times.as_of))
+    sql.register_rollups(storage, hours_between(min(cutoffs.values()) - chosen.lookback, run.times.as_of))
     rows = {}
     for role, cutoff in cutoffs.items():
         query = cohort_features_query(sql, storage, run, role, chosen, cutoff)
         rows[role] = sql.write(query.sql, storage, run.parts("feature_aggregates", *role))
     columns = query.columns
-    storage.write_json(list(columns), *run.parts("feature_aggregates", "columns.json"))
+    storage.write_json({"columns": list(columns), "absent": query.absent}, *run.parts("feature_aggregates", COLUMNS_FILE))
     return dg.MaterializeResult(
         metadata={
             "infer_users": rows.pop(INFER),

@@ -16,7 +16,15 @@ from automl_assets.partitions import prediction_hour_partitions
 from automl_assets import checks
 from automl_assets.core import quality
 from automl_assets.core.splits import SPLIT_SEED, VALIDATION_FRACTION
-from automl_assets.predictions import PredictionRun, model_in_force, model_version, prediction_run, promotion_parts
+from automl_assets.predictions import (
+    PredictionRun,
+    model_in_force,
+    model_version,
+    prediction_run,
+    TARGET_FILE,
+    promotion_parts,
+    target_of,
+)
 from automl_assets.taxonomy import PREDICTION_GROUP, TAXONOMY_FILE
 from resources.sagemaker import LocalSageMaker
 from resources.storage import LocalStorage
@@ -61,7 +69,7 @@ def promotion(storage, run: PredictionRun, metrics: dict) -> dict:
     current_hour = model_in_force(storage, run.prediction, run.hour, before=True)
     decision = {"normalised_log_loss": new, "compared_with": None, "promoted": True}
     if current_hour is None:
-        return {**decision, "reason": "the first model of this prediction"}
+        return {**decision, "reason": "the first model of this prediction's target (outcome, horizon, offset)"}
     current = storage.read_json(*promotion_parts(run.prediction, current_hour))
     limit = current["normalised_log_loss"] * (1 + quality.PROMOTION_MARGIN)
     promoted = new <= limit
@@ -104,8 +112,10 @@ def model(context: dg.AssetExecutionContext, storage: LocalStorage, sagemaker: L
     with sagemaker.train(job_name(run, "train"), {"train": train_channel}, hyperparameters, context.log.info) as job:
         _copy_into_store(storage, job.model_dir, run.parts("model", "model"))
         _copy_into_store(storage, job.output_data_dir, run.parts("model", "output"))
-    # The model keeps the taxonomy it was trained with: scoring runs rebuild exactly these features.
+    # The model keeps the taxonomy it was trained with (scoring runs rebuild exactly these features) and the target
+    # it predicts (a spec that changes its outcome, horizon or offset no longer uses it).
     storage.write_json(storage.read_json(*run.parts("taxonomy", TAXONOMY_FILE)), *run.parts("model", TAXONOMY_FILE))
+    storage.write_json(target_of(run.spec), *run.parts("model", TARGET_FILE))
     metrics = storage.read_json(*run.parts("model", "output", "metrics.json"))
     decision = promotion(storage, run, metrics)
     storage.write_json(decision, *promotion_parts(run.prediction, run.hour))

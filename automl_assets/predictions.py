@@ -89,6 +89,8 @@ def prediction_run(context: dg.AssetExecutionContext, storage) -> PredictionRun:
 
 INFER = ("infer",)  # where an asset keeps its inference rows, beside one folder per training snapshot
 SNAPSHOTS_FILE = "snapshots.json"
+TARGET_FILE = "target.json"  # beside a model: target_of the spec it was trained for
+SCOPE_FILE = "scope.json"  # beside the cohort: whom the inference rows of the hour hold (active or whole cohort)
 
 
 def snapshot_role(snapshot: TrainingSnapshot) -> tuple[str, ...]:
@@ -155,14 +157,27 @@ def trained_hours(storage, prediction: str) -> list[datetime]:
     return sorted(layout.folder_hour(name) for name in storage.list_dir(*root) if name.startswith(layout.HOUR_PREFIX))
 
 
+def target_of(spec: PredictionSpec) -> dict:
+    """What a model predicts. A spec re-registered with another outcome, horizon or offset asks a new question: the
+    models of the old one neither score it nor stand in the way of its first model at the promotion gate."""
+    return {"outcome": spec.outcome.model_dump(mode="json"), "horizon": spec.horizon, "offset": spec.offset}
+
+
+def trained_for(storage, prediction: str, hour: datetime, target: dict) -> bool:
+    """Whether a model of `target` was trained at `hour`."""
+    parts = layout.prediction_asset(prediction, "model", hour, TARGET_FILE)
+    return storage.exists(*parts) and storage.read_json(*parts) == target
+
+
 def model_in_force(storage, prediction: str, hour: datetime, before: bool = False) -> datetime | None:
-    """The hour of the newest promoted model trained at (or, with `before`, strictly before) `hour` whose
-    calibrator is stored: the model that scores that hour."""
+    """The hour of the newest promoted model of the spec's current target trained at (or, with `before`, strictly
+    before) `hour` whose calibrator is stored: the model that scores that hour."""
+    target = target_of(stored_spec(storage, prediction))
     for trained in reversed(trained_hours(storage, prediction)):
         if trained > hour or (before and trained == hour):
             continue
         promotion = promotion_parts(prediction, trained)
         calibrated = layout.prediction_asset(prediction, "calibrator", trained, "calibrator.json")
-        if storage.exists(*promotion) and storage.read_json(*promotion)["promoted"] and storage.exists(*calibrated):
+        if trained_for(storage, prediction, trained, target) and storage.exists(*promotion) and storage.read_json(*promotion)["promoted"] and storage.exists(*calibrated):
             return trained
     return None

@@ -91,10 +91,12 @@ def inference_matrix_dir(context, storage, engine: EngineResource, run: Predicti
         return storage.path(*matrix_parts(run, *INFER))
     context.log.warning(f"the model in force was trained on another taxonomy; rebuilding features for {run.prediction}")
     sql = engine.engine()
-    sql.register_rollups(storage, hours_between(run.times.lookback_start, run.times.as_of))
-    query = cohort_features_query(sql, storage, run, INFER, Taxonomy.from_dict(model_taxonomy), run.times.as_of)
+    chosen = Taxonomy.from_dict(model_taxonomy)
+    sql.register_rollups(storage, hours_between(run.times.as_of - chosen.lookback, run.times.as_of))
+    query = cohort_features_query(sql, storage, run, INFER, chosen, run.times.as_of)
     sql.register_query("features", query.sql)
-    sql.write(matrix_sql(sql, storage.path(*run.parts("cohort", *INFER)), query.columns), storage, run.parts("scores", "matrix"))
+    cohort_path = storage.path(*run.parts("cohort", *INFER))
+    sql.write(matrix_sql(sql, cohort_path, query.columns, query.absent), storage, run.parts("scores", "matrix"))
     return storage.path(*run.parts("scores", "matrix"))
 
 
@@ -115,8 +117,8 @@ def scores(
     trained_at = model_in_force(storage, run.prediction, run.hour)
     if trained_at is None:
         raise dg.Failure(
-            f"no promoted model of {run.prediction} was trained at or before {run.hour.isoformat()}; materialise "
-            "`model` and `calibrator` for this or an earlier hour first."
+            f"no promoted model of {run.prediction}'s current target (outcome, horizon, offset) was trained at or "
+            f"before {run.hour.isoformat()}; materialise `model` and `calibrator` for this or an earlier hour first."
         )
     version = model_version(run.prediction, trained_at)
     stored = storage.read_json(*calibrator_parts(run.prediction, trained_at))

@@ -18,15 +18,19 @@ import pandas as pd
 
 from automl_assets.core import event_store, layout, quality
 from automl_assets.core.spec import SpecError, load_spec
-from automl_assets.core.timewin import HOUR, floor_hour, hour_from_token, hour_key, is_cadence_hour
-from automl_assets.partitions import PREDICTION, prediction_hour_key
+from automl_assets.core.timewin import HOUR, floor_hour, hour_from_key, hour_from_token, hour_key, is_cadence_hour
+from automl_assets.partitions import FIRST_HOUR, PREDICTION, prediction_hour_key
 from automl_assets.predictions import (
+    INFER,
+    SCOPE_FILE,
     SCOPE_TAG,
     active_predictions,
     model_in_force,
     retire_prediction,
     store_spec,
     stored_spec,
+    target_of,
+    trained_for,
 )
 from automl_assets.runs import RANGE_END_TAG, RANGE_START_TAG
 from jobs import event_store_job, prediction_job, scoring_job
@@ -40,7 +44,11 @@ STAGING_SECONDS_PER_TICK = 20  # staging parses files inside the sensor: bound a
 
 
 def retrain_due(storage, prediction: str, hour: datetime) -> bool:
+    """Training is due at the cadence's hours, or while the prediction has no model in force, unless a model of
+    its target was trained at this very hour (another ingest of the hour rescores it, it does not train twice)."""
     spec = stored_spec(storage, prediction)
+    if trained_for(storage, prediction, hour, target_of(spec)):
+        return False
     return model_in_force(storage, prediction, hour) is None or is_cadence_hour(hour + HOUR, spec.retrain_delta)
 
 
@@ -91,8 +99,17 @@ def score_after_ingest(context: dg.RunStatusSensorContext, storage: LocalStorage
     end_key = tags.get(RANGE_END_TAG) or tags.get("dagster/partition")
     if not end_key:
         return dg.SkipReason("the ingest run has no hour range tags")
-    hour = datetime.strptime(end_key, "%Y-%m-%d-%H:%M").replace(tzinfo=timezone.utc)
-    return [prediction_request(storage, name, hour, "active", "new events") for name in active_predictions(storage)]
+    last_hour = datetime.strptime(end_key, "%Y-%m-%d-%H:%M").replace(tzinfo=timezone.utc)
+    return ingest_scoring_requests(storage, context.dagster_run.run_id, last_hour, datetime.now(timezone.utc))
+
+
+def ingest_scoring_requests(storage, ingest_run_id: str, last_hour: datetime, now: datetime) -> list[dg.RunRequest]:
+    """The runs an ingest that ended at `last_hour` asks for: every prediction's newest hour, but never one still
+    under way (a file can reach into it: it is scored once it is over). Each ingest gets its own run key, so late
+    events of an hour already scored score it again."""
+    hour = min(last_hour, floor_hour(now) - HOUR)
+    reason = f"new events (ingest run {ingest_run_id[:8]})"
+    return [prediction_request(storage, name, hour, "active", reason) for name in active_predictions(storage)]
 
 
 @dg.schedule(
@@ -189,26 +206,42 @@ def new_raw_events(context: dg.SensorEvaluationContext, storage: LocalStorage):
         digests.append(manifest["digest"])
         batch.append((marker, path))
     cursor = json.dumps(sorted(seen | {marker for marker, _ in batch}))
+    # Only hours that are partitions: an event dated before the first one (epoch 0, say) would fail the whole run,
+    # one in an hour not over yet is merged by that hour's scheduled ingest (both stay staged).
+    last_ended = floor_hour(datetime.now(timezone.utc)) - HOUR
+    hours = {hour for hour in hours if hour_from_key(FIRST_HOUR) <= hour <= last_ended}
     if not hours:
-        return dg.SensorResult(skip_reason=dg.SkipReason("new files hold no valid event"), cursor=cursor)
+        return dg.SensorResult(skip_reason=dg.SkipReason("new files hold no valid event in an hour that is over"), cursor=cursor)
     run_key = "landing|" + hashlib.sha256("".join(sorted(digests)).encode()).hexdigest()[:16]
     return dg.SensorResult(run_requests=[range_request(min(hours), max(hours) + HOUR, run_key)], cursor=cursor)
 
 
+def newest_whole_cohort_hour(storage, prediction: str, after: datetime) -> datetime | None:
+    """The newest hour after `after` whose inference matrix holds the whole cohort (a daily run's, or one tagged
+    automl/scope=cohort): an hourly run's holds only the users active in its hour, who are not the population the
+    model was trained on, and compared with it they would always look drifted."""
+    for name in reversed(storage.list_dir(*layout.prediction_asset_root(prediction, "feature_matrix"))):
+        hour = layout.folder_hour(name)
+        if hour <= after:
+            return None
+        scope = layout.prediction_asset(prediction, "cohort", hour, SCOPE_FILE)
+        matrix = layout.prediction_asset(prediction, "feature_matrix", hour, *INFER, "matrix.parquet")
+        if storage.exists(*scope) and storage.read_json(*scope)["scope"] == "cohort" and storage.exists(*matrix):
+            return hour
+    return None
+
+
 def drift_report(storage, prediction: str) -> tuple[float, str] | None:
-    """The worst PSI between the training matrix of the model in force and the newest inference matrix (features
-    and calibrated scores), with a sentence naming where it is."""
+    """The worst PSI between the training matrix of the model in force and the newest whole-cohort inference matrix
+    (features and calibrated scores), with a sentence naming where it is."""
     newest = event_store.newest_stored_hour(storage)
     trained = model_in_force(storage, prediction, newest) if newest else None
-    infer_hours = storage.list_dir(*layout.prediction_asset_root(prediction, "feature_matrix"))
-    if trained is None or not infer_hours:
+    latest = newest_whole_cohort_hour(storage, prediction, trained) if trained else None
+    if latest is None:
         return None
-    latest = layout.folder_hour(infer_hours[-1])
     train = pd.read_parquet(storage.path(*layout.prediction_asset(prediction, "feature_matrix", trained, "train", "matrix.parquet")))
     train = train[train["snapshot"] == 0]  # the newest training snapshot: the population the model was validated on
-    infer_path = layout.prediction_asset(prediction, "feature_matrix", latest, "infer", "matrix.parquet")
-    if latest <= trained or not storage.exists(*infer_path):
-        return None
+    infer_path = layout.prediction_asset(prediction, "feature_matrix", latest, *INFER, "matrix.parquet")
     infer = pd.read_parquet(storage.path(*infer_path))
     shifts = {
         column: quality.population_stability_index(train[column].to_numpy(), infer[column].to_numpy())
@@ -228,7 +261,7 @@ def drift_report(storage, prediction: str) -> tuple[float, str] | None:
     minimum_interval_seconds=1800,
     default_status=SENSOR_RUNNING,
     description=f"Requests a retrain when a feature's or the score's PSI between the training matrix and the newest "
-    f"inference matrix exceeds {quality.PSI_RETRAIN}.",
+    f"whole-cohort inference matrix (the daily run's) exceeds {quality.PSI_RETRAIN}.",
 )
 def drift(context: dg.SensorEvaluationContext, storage: LocalStorage):
     requested: dict[str, str] = json.loads(context.cursor) if context.cursor else {}

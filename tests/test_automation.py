@@ -2,6 +2,7 @@
 
 import gzip
 import json
+from datetime import timedelta
 
 import dagster as dg
 import numpy as np
@@ -13,10 +14,27 @@ from automl_assets.core.event_store import write_events
 from automl_assets.core.spec import parse_spec
 from automl_assets.core.timewin import HOUR
 from automl_assets.partitions import prediction_hour_key
-from automl_assets.predictions import SCOPE_TAG, active_predictions
+from automl_assets.predictions import (
+    SCOPE_TAG,
+    TARGET_FILE,
+    active_predictions,
+    model_in_force,
+    store_spec,
+    stored_spec,
+    target_of,
+)
 from automl_assets.runs import RANGE_END_TAG, RANGE_START_TAG
 from resources.spec_folder import SpecFolder
-from schedules import REASON_TAG, daily_scoring, drift, hourly_ingest, new_raw_events, prediction_specs, retrain_due
+from schedules import (
+    REASON_TAG,
+    daily_scoring,
+    drift,
+    hourly_ingest,
+    ingest_scoring_requests,
+    new_raw_events,
+    prediction_specs,
+    retrain_due,
+)
 from tests.conftest import events_table, utc
 
 SPEC = "name: buy_7d\noutcome:\n  event: purchase\nhorizon: 7d\n"
@@ -36,6 +54,7 @@ def sensor_context(instance, storage, cursor=None, folder=None):
 
 def fake_model(storage, prediction: str, hour, promoted=True):
     """What the model and calibrator assets leave in the store, reduced to what scheduling reads."""
+    storage.write_json(target_of(stored_spec(storage, prediction)), *layout.prediction_asset(prediction, "model", hour, TARGET_FILE))
     storage.write_json({"promoted": promoted, "normalised_log_loss": 0.8}, *layout.prediction_asset(prediction, "model", hour, "promotion.json"))
     storage.write_json({"reference_quantiles": list(np.linspace(0.01, 0.9, 101))}, *layout.prediction_asset(prediction, "calibrator", hour, "calibrator.json"))
 
@@ -108,6 +127,38 @@ def test_retraining_follows_the_cadence(store_with_events):
     assert retrain_due(storage, "buy_7d", utc(2026, 3, 2, 23))  # daily cadence: the hour ending at midnight
     fake_model(storage, "buy_7d", utc(2026, 3, 2, 6), promoted=False)
     assert not retrain_due(storage, "buy_7d", utc(2026, 3, 2, 7))
+    fake_model(storage, "buy_7d", utc(2026, 3, 2, 23))
+    assert not retrain_due(storage, "buy_7d", utc(2026, 3, 2, 23))  # trained at that hour: another ingest rescores
+
+
+def test_each_ingest_scores_the_newest_hour_that_is_over(store_with_events):
+    storage = store_with_events
+    store_spec(storage, parse_spec({"name": "buy_7d", "outcome": {"event": "purchase"}, "horizon": "7d"}))
+    fake_model(storage, "buy_7d", utc(2026, 3, 2, 3))
+    now = utc(2026, 3, 2, 5) + timedelta(minutes=20)
+    first = ingest_scoring_requests(storage, "aaaaaaaa-1", utc(2026, 3, 2, 4), now)
+    late = ingest_scoring_requests(storage, "bbbbbbbb-2", utc(2026, 3, 2, 4), now)
+    assert [r.partition_key for r in first + late] == [prediction_hour_key("buy_7d", utc(2026, 3, 2, 4))] * 2
+    assert first[0].run_key != late[0].run_key  # late events of an hour already scored score it again
+    assert first[0].job_name == "scoring_job"
+    # A file reaching into 05:00, still under way at 05:20: the newest hour that is over is scored.
+    (unfinished,) = ingest_scoring_requests(storage, "cccccccc-3", utc(2026, 3, 2, 5), now)
+    assert unfinished.partition_key == prediction_hour_key("buy_7d", utc(2026, 3, 2, 4))
+
+
+def test_a_spec_that_asks_another_question_does_not_keep_the_old_model(store_with_events):
+    """A spec re-registered with another outcome: the old model neither scores it nor is the bar its first model
+    must clear at the promotion gate, and a retrain is due at once. A change that keeps the target keeps the model."""
+    storage = store_with_events
+    purchase = {"name": "buy_7d", "outcome": {"event": "purchase"}, "horizon": "7d"}
+    store_spec(storage, parse_spec(purchase))
+    fake_model(storage, "buy_7d", utc(2026, 3, 1, 23))
+    assert model_in_force(storage, "buy_7d", utc(2026, 3, 2, 5)) == utc(2026, 3, 1, 23)
+    store_spec(storage, parse_spec({**purchase, "outcome": {"event": "support_ticket"}}))
+    assert model_in_force(storage, "buy_7d", utc(2026, 3, 2, 5)) is None
+    assert retrain_due(storage, "buy_7d", utc(2026, 3, 2, 5))
+    store_spec(storage, parse_spec({**purchase, "lookback_weeks": 4}))
+    assert model_in_force(storage, "buy_7d", utc(2026, 3, 2, 5)) == utc(2026, 3, 1, 23)
 
 
 def test_new_raw_files_trigger_one_ingest_run_over_their_hours(storage):
@@ -116,6 +167,9 @@ def test_new_raw_files_trigger_one_ingest_run_over_their_hours(storage):
     lines = [
         {"event_type": "view", "user_id": "u1", "event_time": "2026-03-02 04:59:59", "insert_id": "a"},
         {"event_type": "view", "user_id": "u1", "event_time": "2026-03-02 06:00:00", "insert_id": "b"},
+        # Before the first partition, and in an hour not over yet: staged, but outside the run's range.
+        {"event_type": "view", "user_id": "u1", "event_time": "1970-01-01 00:00:01", "insert_id": "c"},
+        {"event_type": "view", "user_id": "u1", "event_time": "2099-01-01 00:00:00", "insert_id": "d"},
     ]
     with gzip.open(folder / "export.json.gz", "wt") as handle:
         handle.writelines(json.dumps(line) + "\n" for line in lines)
@@ -138,14 +192,18 @@ def test_drift_sensor_requests_a_retrain_and_says_why(store_with_events):
     # An older stacked snapshot with another distribution: the reference is the newest snapshot alone.
     older = train.assign(f__view__w1=rng.poisson(9, 2000).astype(float))
     stacked = pd.concat([train.assign(snapshot=0), older.assign(snapshot=1)], ignore_index=True)
-    for hour, frame in ((trained, stacked), (latest, train.drop(columns="label"))):
-        role = "train" if hour == trained else "infer"
+    shifted = train.drop(columns="label").assign(f__view__w1=rng.poisson(9, 2000).astype(float))
+    # The whole cohort as of `latest`, and after it an hourly run's matrix: only the users active in its hour.
+    matrices = ((trained, "train", stacked, None), (latest, "infer", train.drop(columns="label"), "cohort"), (latest + HOUR, "infer", shifted, "active"))
+    for hour, role, frame, scope in matrices:
         path = storage.base.joinpath(*layout.prediction_asset("buy_7d", "feature_matrix", hour, role, "matrix.parquet"))
         path.parent.mkdir(parents=True, exist_ok=True)
         frame.to_parquet(path)
+        if scope:
+            storage.write_json({"scope": scope}, *layout.prediction_asset("buy_7d", "cohort", hour, "scope.json"))
     with dg.instance_for_test() as instance:
-        assert not drift(sensor_context(instance, storage)).run_requests  # same distribution
-        shifted = train.drop(columns="label").assign(f__view__w1=rng.poisson(9, 2000).astype(float))
+        # Same distribution in the whole cohort; the hourly run's users are another population, never compared.
+        assert not drift(sensor_context(instance, storage)).run_requests
         shifted.to_parquet(storage.base.joinpath(*layout.prediction_asset("buy_7d", "feature_matrix", latest, "infer", "matrix.parquet")))
         result = drift(sensor_context(instance, storage))
         (request,) = result.run_requests

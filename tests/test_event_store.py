@@ -3,6 +3,8 @@
 import gzip
 import json
 import shutil
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import dagster as dg
 
@@ -100,3 +102,25 @@ def test_an_hour_from_a_single_file_is_what_merging_would_write(storage, tmp_pat
     merged = merged_store.read_table(*layout.events_hour(utc(2026, 3, 1, 5)))
     assert copied.equals(merged) and copied.schema.equals(merged.schema)
     assert copied.column("insert_id").to_pylist() == ["a", "r", "q"]
+
+
+def test_two_runs_merging_one_hour_at_once_keep_each_others_events(storage, monkeypatch):
+    """The hourly schedule and the landing sensor can merge the same hour at once. The run that listed fewer files
+    must not overwrite the other's merge with an older read of the hour."""
+    hour = utc(2026, 3, 1, 5)
+    first = land(storage, lines=[{"event_type": "view", "user_id": "u1", "event_time": "2026-03-01 05:10:00", "insert_id": "a"}])
+    event_store.merge_hours(storage, [hour], [event_store.stage_file(storage, first)])
+    second = land(storage, "b_2026-03-01_5#0.json.gz", [{"event_type": "view", "user_id": "u2", "event_time": "2026-03-01 05:20:00", "insert_id": "b"}])
+    third = land(storage, "c_2026-03-01_5#0.json.gz", [{"event_type": "view", "user_id": "u3", "event_time": "2026-03-01 05:30:00", "insert_id": "c"}])
+    manifests = [event_store.stage_file(storage, path) for path in (first, second, third)]
+    read_table = type(storage).read_table
+
+    def slow_read(self, *parts, **kwargs):  # widens the window between reading the hour and writing it back
+        table = read_table(self, *parts, **kwargs)
+        time.sleep(0.3)
+        return table
+
+    monkeypatch.setattr(type(storage), "read_table", slow_read)
+    with ThreadPoolExecutor(2) as pool:
+        list(pool.map(lambda listed: event_store.merge_hours(storage, [hour], listed), [manifests[:2], manifests[::2]]))
+    assert sorted(storage.read_table(*layout.events_hour(hour))["insert_id"].to_pylist()) == ["a", "b", "c"]

@@ -7,7 +7,14 @@ import pandas as pd
 import pytest
 
 from automl_assets.core.event_store import write_events
-from automl_assets.core.feature_sql import Taxonomy, UserProperty, cohort_query, feature_query, label_query
+from automl_assets.core.feature_sql import (
+    Taxonomy,
+    UserProperty,
+    cohort_query,
+    feature_query,
+    label_query,
+    matrix_query,
+)
 from automl_assets.core.timewin import epoch_hour, hours_between, partition_times
 from tests.conftest import events_table, utc
 
@@ -81,6 +88,25 @@ def test_cohort_and_the_hourly_scoring_set(boundary_store, engine):
     assert sorted(train["user_id"]) == ["before_c"]
     hourly = engine.to_pandas(cohort_query(epoch_hour(A), 24, 2, {}, only_active_last_hour=True))
     assert hourly.set_index("user_id")["active_last_hour"].to_dict() == {"before_a": 1}
+
+
+def test_a_cohort_user_with_no_event_in_the_lookback_has_the_never_values(storage, engine):
+    """A cohort active within longer than the lookback: a user whose last event is before the lookback has no
+    feature row, and the matrix gives them "hours since" = lookback + 1h, as for an event they never did, not 0,
+    which would say they did it within the hour."""
+    rows = [
+        {"user_id": "recent", "event_type": "purchase", "event_time": A - timedelta(minutes=30)},
+        {"user_id": "three_weeks_ago", "event_type": "purchase", "event_time": A - timedelta(days=21)},
+    ]
+    write_events(storage, events_table(rows))
+    engine.register_rollups(storage, hours_between(A - timedelta(weeks=4), A))
+    engine.register_query("cohort", cohort_query(epoch_hour(A), active_hours=28 * 24, lookback_weeks=2, where={}))
+    query = feature_query(Taxonomy(events=("purchase",), weeks=2), epoch_hour(A), users="cohort")
+    engine.register_query("features", query.sql)
+    matrix = engine.to_pandas(matrix_query(query.columns, query.absent)).set_index("user_id")
+    never = 2 * 168 + 1
+    assert matrix.loc["three_weeks_ago", ["f__all__hours_since", "f__purchase__hours_since", "f__purchase__w1"]].tolist() == [never, never, 0]
+    assert matrix.loc["recent", ["f__all__hours_since", "f__purchase__hours_since", "f__purchase__w1"]].tolist() == [1, 1, 1]
 
 
 def test_both_engines_build_identical_rollups_and_features(tmp_path, spark_session):

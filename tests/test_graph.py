@@ -25,15 +25,14 @@ from tests.conftest import utc
 END = utc(2026, 3, 2)  # the partition's as-of time: a midnight, so the daily run scores the whole cohort
 HOUR_H = END - HOUR
 WEEKS = 4
-SPEC = parse_spec(
-    {
-        "name": "buy_7d",
-        "outcome": {"event": "purchase"},
-        "horizon": "7d",
-        "cohort": {"active_within": "14d"},
-        "lookback_weeks": 2,
-    }
-)
+SPEC_FIELDS = {
+    "name": "buy_7d",
+    "outcome": {"event": "purchase"},
+    "horizon": "7d",
+    "cohort": {"active_within": "14d"},
+    "lookback_weeks": 2,
+}
+SPEC = parse_spec(SPEC_FIELDS)
 ASSETS = dg.load_assets_from_modules(ASSET_MODULES)
 EVENT_STORE = [a for a in ASSETS if a.key.path[0] in ("events", "hourly_rollups")]
 PREDICTION_ASSETS = [a for a in ASSETS if a not in EVENT_STORE]
@@ -166,6 +165,27 @@ def test_a_model_trained_on_another_taxonomy_scores_the_features_it_was_trained_
     rebuilt = read(storage, "scores", "matrix")
     assert len(rebuilt) == len(read(storage, "feature_matrix", "infer", "matrix.parquet"))
     pd.testing.assert_frame_equal(read(storage, "scores", "scores.parquet"), before)
+
+
+def test_a_scoring_run_reads_the_lookback_of_the_model_in_force(graph):
+    """A spec re-registered with a shorter lookback: until a retrain, scoring runs build the model's features over
+    the model's weeks, so the inference matrix is the one the model was trained to read."""
+    instance, root, storage, engine = graph
+    before = read(storage, "feature_matrix", "infer", "matrix.parquet")
+    register_prediction(instance, storage, parse_spec({**SPEC_FIELDS, "lookback_weeks": 1}))
+    try:
+        scoring = dg.materialize(
+            [a for a in PREDICTION_ASSETS if a.key.path[0] in ("taxonomy", "cohort", "feature_aggregates", "feature_matrix")],
+            instance=instance,
+            resources=resources(root, engine),
+            partition_key=prediction_hour_key(SPEC.name, HOUR_H),
+        )
+        assert scoring.success
+    finally:
+        register_prediction(instance, storage, SPEC)
+    after = read(storage, "feature_matrix", "infer", "matrix.parquet")
+    assert (before["f__all__w2"] > 0).any()  # the second week is read
+    pd.testing.assert_frame_equal(after, before)
 
 
 def test_hourly_scores_through_a_warm_endpoint_equal_the_batch_transform(graph, tmp_path):

@@ -23,6 +23,7 @@ import pytest
 from scipy.special import expit
 
 from automl_assets.core import sagemaker_entry, training
+from automl_assets.core.calibration import to_prior
 from automl_assets.core.matrices import feature_array
 from automl_assets.core.metrics import summarise
 from automl_assets.core.splits import split_users, user_fraction
@@ -34,7 +35,6 @@ from automl_assets.core.training import (
     load_model,
     save_model,
     signed_log1p,
-    to_prior,
     train_candidates,
 )
 
@@ -309,7 +309,7 @@ def test_every_combination_of_candidates_competes_and_a_pair_round_trips(tmp_pat
         mean = np.mean([outcome.models[member].predict(rows) for member in members], axis=0)
         # Exactly the members' mean, also where they share one signed_log1p of the rows.
         np.testing.assert_array_equal(outcome.models[name].predict(rows), mean)
-        expected = summarise(rows["label"].to_numpy(), training.to_prior(mean, rate))["log_loss"]
+        expected = summarise(rows["label"].to_numpy(), to_prior(mean, rate))["log_loss"]
         assert outcome.metrics[name]["log_loss"] == pytest.approx(expected, rel=1e-9), name
 
     pair = "hist_gradient_boosting+keras_mlp"
@@ -544,6 +544,9 @@ def test_serving_hooks_score_like_load_model(trained_job):
         answer = json.loads(sagemaker_entry.output_fn(prediction, "application/json"))
         assert [row["user_id"] for row in answer] == rows["user_id"].tolist()
         np.testing.assert_allclose([row["raw_score"] for row in answer], model.predict(rows), rtol=1e-6)
+    tiny = pd.DataFrame({"user_id": ["a", "b"], "raw_score": [7.3e-12, 0.1234567890123]})  # JSON keeps their digits
+    answer = json.loads(sagemaker_entry.output_fn(tiny, "application/json"))
+    np.testing.assert_allclose([row["raw_score"] for row in answer], tiny["raw_score"], rtol=1e-12)
     as_parquet = pd.read_parquet(io.BytesIO(sagemaker_entry.output_fn(prediction, "application/x-parquet")))
     pd.testing.assert_frame_equal(as_parquet, prediction)
     with pytest.raises(ValueError, match="unsupported content type"):

@@ -32,6 +32,14 @@ GRID_POINTS = 256
 TIE_BREAK = 1e-3
 
 
+def to_prior(balanced: np.ndarray, positive_rate: float) -> np.ndarray:
+    """Map a probability learnt under balanced classes (prior 0.5) to the training prior ``positive_rate``.
+
+    Bayes' rule: the odds scale by (rate / (1 - rate)) / (0.5 / 0.5).
+    """
+    return balanced * positive_rate / (balanced * positive_rate + (1 - balanced) * (1 - positive_rate))
+
+
 def _logit(raw: np.ndarray) -> np.ndarray:
     return logit(np.clip(raw, RAW_EPS, 1 - RAW_EPS))
 

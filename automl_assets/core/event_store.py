@@ -142,19 +142,29 @@ def merge_hours(storage, hours: list[datetime], manifests: list[dict]) -> dict[s
         for token in manifest["hours"]:
             chunks_by_hour.setdefault(token, []).append(manifest["digest"])
 
+    def stored_rows(target: tuple[str, ...]) -> int:
+        return pq.read_metadata(storage.path(*target)).num_rows if storage.exists(*target) else 0
+
     def merge(hour: datetime) -> Counter:
-        token = hour_token(hour)
         target = layout.events_hour(hour)
-        chunk_parts = [layout.staged_hour(d, hour) for d in sorted(chunks_by_hour.get(token, []))]
+        chunk_parts = [layout.staged_hour(d, hour) for d in sorted(chunks_by_hour.get(hour_token(hour), []))]
+        if not chunk_parts:  # nothing new for this hour: it stays as it is
+            events = stored_rows(target)
+            return Counter(hours_with_events=1, events=events, new_events=0, duplicates_dropped=0) if events else Counter()
+        # Two ingest runs may merge the same hour (the hourly schedule and the landing sensor): one at a time, or
+        # the later write would drop the events only the other had read. The lock is a hidden file beside the
+        # hour's folder.
+        with storage.exclusive(*target[:-1]):
+            return merge_chunks(target, chunk_parts)
+
+    def merge_chunks(target: tuple[str, ...], chunk_parts: list[tuple[str, ...]]) -> Counter:
         if not storage.exists(*target) and len(chunk_parts) == 1:
             # A new hour from one file (the usual first ingest): its staged chunk is already the merged hour.
             storage.copy(chunk_parts[0], target)
-            events = pq.read_metadata(storage.path(*target)).num_rows
+            events = stored_rows(target)
             return Counter(hours_with_events=1, events=events, new_events=events, duplicates_dropped=0)
         existing = storage.read_table(*target) if storage.exists(*target) else None
         staged = [storage.read_table(*parts) for parts in chunk_parts]
-        if existing is None and not staged:
-            return Counter()
         before = existing.num_rows if existing is not None else 0
         merged = dedupe_events(*([existing] if existing is not None else []), *staged)
         if existing is None or merged.num_rows != before:

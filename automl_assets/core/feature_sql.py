@@ -13,6 +13,7 @@ Tables the SQL reads (each a view over the rollup parquet of the hours it needs)
 
 import re
 from dataclasses import dataclass, field
+from datetime import timedelta
 
 HOURS_PER_WEEK = 168
 PROPERTY_WEEKS = 4  # event-property counts look at the most recent 4 weeks: enough signal, a quarter of the width
@@ -55,6 +56,12 @@ class Taxonomy:
     event_properties: tuple[EventProperty, ...] = ()
     user_properties: tuple[UserProperty, ...] = ()
     weeks: int = 8
+
+    @property
+    def lookback(self) -> timedelta:
+        """How far back its features read: a scoring run reads the weeks of the model's taxonomy, whatever the spec
+        says now."""
+        return timedelta(weeks=self.weeks)
 
     def to_dict(self) -> dict:
         return {
@@ -99,6 +106,9 @@ class _Names:
 class FeatureQuery:
     sql: str
     columns: tuple[str, ...]  # feature columns in matrix order (user_id comes first in the result)
+    # The value of a column for a cohort user with no row (no event in the lookback) where it is not 0: "hours
+    # since" is the lookback + 1h, as for a user whose rows lack that event.
+    absent: dict[str, float] = field(default_factory=dict)
 
 
 def feature_query(taxonomy: Taxonomy, as_of_hour: int, users: str | None = None) -> FeatureQuery:
@@ -116,7 +126,7 @@ def feature_query(taxonomy: Taxonomy, as_of_hour: int, users: str | None = None)
     # Weekly counts per event come from a PIVOT: each (user, event, week) lands in its one column, where a wide
     # SUM(CASE ...) evaluates every column's condition on every row (P1's cold build: 12% faster on DuckDB). The
     # other count features are aggregated beside it from the same rows.
-    count_cols, count_exprs, pivot_keys = [], [], []
+    count_cols, count_exprs, pivot_keys, absent = [], [], [], {}
     for week in range(weeks):
         name = names("all", f"w{week + 1}")
         count_cols.append(name)
@@ -125,6 +135,8 @@ def feature_query(taxonomy: Taxonomy, as_of_hour: int, users: str | None = None)
         name = names("all", label)
         count_cols.append(name)
         count_exprs.append(f"{expr} AS {name}")
+        if label == "hours_since":
+            absent[name] = float(never)
     pivoted = set()
     for event in taxonomy.events:
         literal = sql_literal(event)
@@ -135,6 +147,7 @@ def feature_query(taxonomy: Taxonomy, as_of_hour: int, users: str | None = None)
             pivot_keys.append(f"{sql_literal(f'{event}__w{week + 1}')} AS {name}")  # the week suffix is digits
         name = names(event, "hours_since")
         count_cols.append(name)
+        absent[name] = float(never)
         count_exprs.append(
             f"COALESCE({as_of_hour} - MAX(CASE WHEN event_type = {literal} THEN hour_idx END), {never}) AS {name}"
         )
@@ -225,7 +238,7 @@ def feature_query(taxonomy: Taxonomy, as_of_hour: int, users: str | None = None)
             joins.append(f"LEFT JOIN ({sql}) {alias} ON {alias}.user_id = {first_alias}.user_id")
     columns = tuple(col for _, _, cols in parts for col in cols)
     with_clause = "WITH " + ", ".join(f"{name} AS ({sql})" for name, sql in ctes)
-    return FeatureQuery(sql=f"{with_clause} SELECT {', '.join(select)} FROM {' '.join(joins)}", columns=columns)
+    return FeatureQuery(sql=f"{with_clause} SELECT {', '.join(select)} FROM {' '.join(joins)}", columns=columns, absent=absent)
 
 
 def user_property_values_sql(as_of_hour: int, weeks: int, keys_sql: str | None = None, extra_filter: str = "") -> str:
@@ -274,24 +287,26 @@ def label_query(event: str | None, where: dict[str, str], sum_revenue: bool) -> 
     return f"SELECT user_id, COUNT(*) AS outcome FROM ev WHERE {' AND '.join(conditions)} GROUP BY user_id"
 
 
-def _feature_columns(columns: tuple[str, ...]) -> str:
-    return ", ".join(f"CAST(COALESCE(f.{c}, 0) AS DOUBLE) AS {c}" for c in columns)
+def _feature_columns(columns: tuple[str, ...], absent: dict[str, float]) -> str:
+    return ", ".join(f"CAST(COALESCE(f.{c}, {absent.get(c, 0)}) AS DOUBLE) AS {c}" for c in columns)
 
 
-def matrix_query(columns: tuple[str, ...]) -> str:
-    """Cohort users left-joined to their features (absent -> 0). Views: `cohort`, `features`."""
+def matrix_query(columns: tuple[str, ...], absent: dict[str, float]) -> str:
+    """Cohort users left-joined to their features (a user without a row gets FeatureQuery.absent, else 0). Views:
+    `cohort`, `features`."""
     return (
-        f"SELECT c.user_id, c.active_last_hour, {_feature_columns(columns)} FROM cohort c "
+        f"SELECT c.user_id, c.active_last_hour, {_feature_columns(columns, absent)} FROM cohort c "
         "LEFT JOIN features f ON f.user_id = c.user_id ORDER BY c.user_id"
     )
 
 
-def training_matrix_query(columns: tuple[str, ...], snapshots: int) -> str:
-    """Per training snapshot k (weeks back from the newest), its cohort left-joined to its features (absent -> 0)
-    and its label (absent -> 0), stacked with `snapshot` = k. Views: `cohort_k`, `features_k`, `labels_k`."""
+def training_matrix_query(columns: tuple[str, ...], absent: dict[str, float], snapshots: int) -> str:
+    """Per training snapshot k (weeks back from the newest), its cohort left-joined to its features (as
+    matrix_query) and its label (absent -> 0), stacked with `snapshot` = k. Views: `cohort_k`, `features_k`,
+    `labels_k`."""
     stacked = " UNION ALL ".join(
         f"SELECT c.user_id, CAST({k} AS INT) AS snapshot, CAST(CASE WHEN l.outcome > 0 THEN 1 ELSE 0 END AS INT) "
-        f"AS label, {_feature_columns(columns)} FROM cohort_{k} c LEFT JOIN features_{k} f ON f.user_id = c.user_id "
+        f"AS label, {_feature_columns(columns, absent)} FROM cohort_{k} c LEFT JOIN features_{k} f ON f.user_id = c.user_id "
         f"LEFT JOIN labels_{k} l ON l.user_id = c.user_id"
         for k in range(snapshots)
     )

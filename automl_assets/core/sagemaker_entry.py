@@ -286,7 +286,8 @@ def predict_fn(input_data: pd.DataFrame, model) -> pd.DataFrame:
 
 def output_fn(prediction: pd.DataFrame, accept: str):
     if accept in (JSON, "*/*"):
-        return prediction.to_json(orient="records")
+        # pandas writes 10 significant decimals by default, which would round small scores to 0 and tie users.
+        return prediction.to_json(orient="records", double_precision=15)
     if accept == PARQUET:
         buffer = io.BytesIO()
         prediction.to_parquet(buffer, index=False)

@@ -112,7 +112,6 @@ class PartitionTimes:
     train_cutoff: datetime  # C = A - offset - horizon
     label_start: datetime  # C + offset
     label_end: datetime  # C + offset + horizon == A
-    lookback_start: datetime  # earliest moment the inference features read: A - lookback
     train_lookback_start: datetime  # C - lookback
 
     @property
@@ -135,7 +134,6 @@ def partition_times(hour_start: datetime, horizon: timedelta, offset: timedelta,
         train_cutoff=cutoff,
         label_start=cutoff + offset,
         label_end=cutoff + offset + horizon,
-        lookback_start=as_of - lookback,
         train_lookback_start=cutoff - lookback,
     )
 

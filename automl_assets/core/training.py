@@ -27,6 +27,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import FunctionTransformer, StandardScaler
 from sklearn.utils.class_weight import compute_class_weight
 
+from automl_assets.core.calibration import to_prior
 from automl_assets.core.matrices import feature_array
 from automl_assets.core.metrics import summarise
 from automl_assets.core.splits import MAX_TRAINING_USERS, SPLIT_SEED, VALIDATION_FRACTION, split_users, user_fraction
@@ -71,14 +72,6 @@ def signed_log1p(x, xp=np):
         out = np.abs(x, dtype=np.result_type(x, np.float32))
         return np.copysign(np.log1p(out, out=out), x, out=out)
     return xp.sign(x) * xp.log1p(xp.abs(x))
-
-
-def to_prior(balanced: np.ndarray, positive_rate: float) -> np.ndarray:
-    """Map a probability learnt under balanced classes (prior 0.5) to the training prior ``positive_rate``.
-
-    Bayes' rule: the odds scale by (rate / (1 - rate)) / (0.5 / 0.5).
-    """
-    return balanced * positive_rate / (balanced * positive_rate + (1 - balanced) * (1 - positive_rate))
 
 
 def _require_both_classes(labels: np.ndarray, what: str, min_rows: int, min_per_class: int) -> None:
