@@ -178,7 +178,7 @@ def test_weighted_bin_edges_in_one_call_are_scikit_learns(monkeypatch):
 
     X = np.column_stack(list(columns.values()))
     y = (rng.random(n) < 0.1 + 0.2 * (X[:, 0] > 3)).astype(int)
-    data = training._TrainingData(X, y, None, None, None, None, 0)
+    data = training._TrainingData(X, y, None, None, np.arange(n).astype(str), None, 0)
     fitted = training._fit_hist_gradient_boosting(data)
     assert binning._find_binning_thresholds.__module__ == binning.__name__  # put back after the fit
     assert sklearn.__version__.startswith(("1.8.", "1.9.")), "a scikit-learn with PR 34248: drop _binning_thresholds"
@@ -187,6 +187,33 @@ def test_weighted_bin_edges_in_one_call_are_scikit_learns(monkeypatch):
     for edges, reference_edges in zip(fitted._bin_mapper.bin_thresholds_, reference._bin_mapper.bin_thresholds_):
         np.testing.assert_array_equal(edges, reference_edges)
     np.testing.assert_array_equal(fitted.predict_proba(X), reference.predict_proba(X))
+
+
+def test_gradient_boosting_stops_early_on_whole_users(monkeypatch):
+    """Like the network: the rows it stops on are all the stacked snapshots of some training users, weighted by
+    class as its fitted rows are, so no user is on both sides."""
+    from sklearn.ensemble import HistGradientBoostingClassifier
+
+    rng = np.random.default_rng(5)
+    users = np.repeat([f"u{i}" for i in range(400)], 4)  # four stacked snapshots per user
+    X = rng.normal(size=(len(users), 3))
+    y = (rng.random(len(users)) < 0.3).astype(int)
+    seen = {}
+    fit = HistGradientBoostingClassifier.fit
+
+    def spy(self, X_fit, y_fit, sample_weight=None, **held_out):
+        seen.update(X_fit=X_fit, **held_out)
+        return fit(self, X_fit, y_fit, sample_weight, **held_out)
+
+    monkeypatch.setattr(HistGradientBoostingClassifier, "fit", spy)
+    training._fit_hist_gradient_boosting(training._TrainingData(X, y, None, None, users, None, 0))
+    held_out = np.isin(X[:, 0], seen["X_val"][:, 0])
+    assert 0 < held_out.sum() < len(X) and len(seen["X_fit"]) == (~held_out).sum()
+    assert not set(users[held_out]) & set(users[~held_out])
+    weights = seen["sample_weight_val"]
+    assert weights[seen["y_val"] == 1][0] / weights[seen["y_val"] == 0][0] == pytest.approx(
+        (y[~held_out] == 0).sum() / (y[~held_out] == 1).sum()
+    )
 
 
 # --- training with scikit-learn candidates ---------------------------------------------------------------------------

@@ -44,8 +44,10 @@ MODELS = ("logistic_regression", "hist_gradient_boosting", KERAS_MLP)
 ENSEMBLE = "ensemble"
 # Candidates whose input is signed_log1p of the features (in the logistic regression's pipeline, before the network).
 TAKE_LOGGED = ("logistic_regression", KERAS_MLP)
-# Share of the training users (by a keyed hash, all rows of a user together) the Keras candidate stops early on: the
-# validation users must stay unseen by every candidate, or the comparison favours the one that peeked.
+# Share of the training users (by a keyed hash, all rows of a user together) the gradient boosting and Keras
+# candidates stop early on: the validation users must stay unseen by every candidate, or the comparison favours the
+# one that peeked; and a user's stacked snapshots must all be on one side, or the held-out loss keeps improving on
+# rows the candidate has all but seen.
 EARLY_STOPPING_FRACTION = 0.1
 EARLY_STOPPING_SEED = 2  # differs from the training split's and the calibrator's seeds
 META_FILE = "model_meta.json"
@@ -146,13 +148,23 @@ def _weighted_edges_in_one_call():
         binning._find_binning_thresholds = original
 
 
+def _early_stopping_rows(data: _TrainingData) -> np.ndarray:
+    """The training rows of the users a candidate stops early on (EARLY_STOPPING_FRACTION of them)."""
+    return user_fraction(data.train_user_ids, EARLY_STOPPING_SEED) < EARLY_STOPPING_FRACTION
+
+
 def _fit_hist_gradient_boosting(data: _TrainingData):
-    # Early stopping on an internal 10% of the training rows.
+    stopping = _early_stopping_rows(data)
+    y_fit, y_stop = data.y_train[~stopping], data.y_train[stopping]
+    # The held-out rows weigh their classes as the fitted ones do (scikit-learn applies class_weight to the latter).
+    class_weights = compute_class_weight("balanced", classes=np.array([0, 1]), y=y_fit)
     model = HistGradientBoostingClassifier(
         max_iter=200, early_stopping=True, n_iter_no_change=10, class_weight="balanced", random_state=data.seed
     )
     with _weighted_edges_in_one_call():
-        return model.fit(data.X_train, data.y_train)
+        return model.fit(
+            data.X_train[~stopping], y_fit, X_val=data.X_train[stopping], y_val=y_stop, sample_weight_val=class_weights[y_stop]
+        )
 
 
 def _fit_keras_mlp(data: _TrainingData):
@@ -160,7 +172,7 @@ def _fit_keras_mlp(data: _TrainingData):
     import keras
 
     keras.utils.set_random_seed(data.seed)  # weight initialisation and shuffling draw from the global seeds
-    stopping = user_fraction(data.train_user_ids, EARLY_STOPPING_SEED) < EARLY_STOPPING_FRACTION
+    stopping = _early_stopping_rows(data)
     X_fit, y_fit = data.X_train[~stopping], data.y_train[~stopping]
     transformed = signed_log1p(X_fit)
     variance = transformed.var(axis=0)
