@@ -90,6 +90,15 @@ def test_ece_is_the_count_weighted_gap():
     assert expected_calibration_error(rng.random(50_000) < p, p) < 0.01
 
 
+def test_equal_predictions_share_a_bin_whatever_the_row_order():
+    """A constant prediction at the observed rate is calibrated, however its labels are ordered."""
+    labels = np.r_[np.zeros(700), np.ones(300)]
+    assert expected_calibration_error(labels, np.full(1000, 0.3)) == pytest.approx(0)
+    assert expected_calibration_error(labels[::-1], np.full(1000, 0.3)) == pytest.approx(0)
+    tied = np.r_[np.full(500, 0.2), np.linspace(0.5, 0.9, 500)]
+    assert reliability_table(np.zeros(1000), tied, bins=10)["count"].iloc[0] == 500
+
+
 def test_summarise_reports_every_metric():
     y, p = [0, 1, 1, 0], [0.2, 0.7, 0.6, 0.4]
     summary = summarise(y, p)

@@ -71,15 +71,15 @@ def reliability_table(y, p, bins: int = 10) -> pd.DataFrame:
     """Mean prediction against observed rate in ``bins`` equal-mass bins, for reliability plots.
 
     Equal-mass (quantile) bins rather than equal-width ones: conversion scores crowd near 0, so equal-width bins put
-    almost every user in the first bin and leave the rest nearly empty and noisy. Rows are ranked by ``p`` (ties broken
-    by position, so the binning is deterministic) and cut into ``bins`` groups whose sizes differ by at most one; with
-    fewer rows than bins, each row is its own bin. Columns: ``bin`` (0 = lowest predictions), ``mean_pred``,
-    ``mean_obs``, ``count``.
+    almost every user in the first bin and leave the rest nearly empty and noisy. Rows are ranked by ``p`` and cut into
+    ``bins`` groups whose sizes differ by at most one; with fewer rows than bins, each row is its own bin. Equal
+    predictions share the bin of the first of them: split by position, the rows' order would decide the result (a
+    constant prediction at the observed rate would look miscalibrated when the labels come sorted). Columns: ``bin``
+    (0 = lowest predictions), ``mean_pred``, ``mean_obs``, ``count``.
     """
     y, p = _arrays(y, p)
-    rank = np.empty(p.size, dtype=np.int64)
-    rank[np.argsort(p, kind="stable")] = np.arange(p.size)
-    bin_of_row = rank * bins // p.size
+    lowest_rank = np.searchsorted(np.sort(p), p, side="left")  # a row's rank, the same for equal predictions
+    bin_of_row = lowest_rank * bins // p.size
     count = np.bincount(bin_of_row, minlength=bins)
     used = count > 0
     return pd.DataFrame(
