@@ -17,11 +17,11 @@ from automl_assets import checks
 from automl_assets.core import quality
 from automl_assets.core.splits import SPLIT_SEED, VALIDATION_FRACTION
 from automl_assets.predictions import (
+    TARGET_FILE,
     PredictionRun,
     model_in_force,
     model_version,
     prediction_run,
-    TARGET_FILE,
     promotion_parts,
     target_of,
 )

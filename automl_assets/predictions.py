@@ -178,6 +178,7 @@ def model_in_force(storage, prediction: str, hour: datetime, before: bool = Fals
             continue
         promotion = promotion_parts(prediction, trained)
         calibrated = layout.prediction_asset(prediction, "calibrator", trained, "calibrator.json")
-        if trained_for(storage, prediction, trained, target) and storage.exists(*promotion) and storage.read_json(*promotion)["promoted"] and storage.exists(*calibrated):
+        promoted = storage.exists(*promotion) and storage.read_json(*promotion)["promoted"]
+        if promoted and storage.exists(*calibrated) and trained_for(storage, prediction, trained, target):
             return trained
     return None

@@ -18,7 +18,15 @@ import pandas as pd
 
 from automl_assets.core import event_store, layout, quality
 from automl_assets.core.spec import SpecError, load_spec
-from automl_assets.core.timewin import HOUR, floor_hour, hour_from_key, hour_from_token, hour_key, is_cadence_hour
+from automl_assets.core.timewin import (
+    HOUR,
+    floor_hour,
+    hour_from_key,
+    hour_from_token,
+    hour_key,
+    is_cadence_hour,
+    last_ended_hour,
+)
 from automl_assets.partitions import FIRST_HOUR, PREDICTION, prediction_hour_key
 from automl_assets.predictions import (
     INFER,
@@ -82,7 +90,7 @@ def range_request(start: datetime, end: datetime, run_key: str) -> dg.RunRequest
     description="Ingest and roll up the hour that just ended (5 minutes later, for late files).",
 )
 def hourly_ingest(context: dg.ScheduleEvaluationContext) -> dg.RunRequest:
-    hour = floor_hour(context.scheduled_execution_time) - HOUR
+    hour = last_ended_hour(context.scheduled_execution_time)
     return range_request(hour, hour + HOUR, run_key=f"hourly|{hour_key(hour)}")
 
 
@@ -99,15 +107,14 @@ def score_after_ingest(context: dg.RunStatusSensorContext, storage: LocalStorage
     end_key = tags.get(RANGE_END_TAG) or tags.get("dagster/partition")
     if not end_key:
         return dg.SkipReason("the ingest run has no hour range tags")
-    last_hour = datetime.strptime(end_key, "%Y-%m-%d-%H:%M").replace(tzinfo=timezone.utc)
-    return ingest_scoring_requests(storage, context.dagster_run.run_id, last_hour, datetime.now(timezone.utc))
+    return ingest_scoring_requests(storage, context.dagster_run.run_id, hour_from_key(end_key), datetime.now(timezone.utc))
 
 
 def ingest_scoring_requests(storage, ingest_run_id: str, last_hour: datetime, now: datetime) -> list[dg.RunRequest]:
     """The runs an ingest that ended at `last_hour` asks for: every prediction's newest hour, but never one still
     under way (a file can reach into it: it is scored once it is over). Each ingest gets its own run key, so late
     events of an hour already scored score it again."""
-    hour = min(last_hour, floor_hour(now) - HOUR)
+    hour = min(last_hour, last_ended_hour(now))
     reason = f"new events (ingest run {ingest_run_id[:8]})"
     return [prediction_request(storage, name, hour, "active", reason) for name in active_predictions(storage)]
 
@@ -208,10 +215,11 @@ def new_raw_events(context: dg.SensorEvaluationContext, storage: LocalStorage):
     cursor = json.dumps(sorted(seen | {marker for marker, _ in batch}))
     # Only hours that are partitions: an event dated before the first one (epoch 0, say) would fail the whole run,
     # one in an hour not over yet is merged by that hour's scheduled ingest (both stay staged).
-    last_ended = floor_hour(datetime.now(timezone.utc)) - HOUR
+    last_ended = last_ended_hour(datetime.now(timezone.utc))
     hours = {hour for hour in hours if hour_from_key(FIRST_HOUR) <= hour <= last_ended}
     if not hours:
-        return dg.SensorResult(skip_reason=dg.SkipReason("new files hold no valid event in an hour that is over"), cursor=cursor)
+        skip = dg.SkipReason("new files hold no valid event in an hour that is over")
+        return dg.SensorResult(skip_reason=skip, cursor=cursor)
     run_key = "landing|" + hashlib.sha256("".join(sorted(digests)).encode()).hexdigest()[:16]
     return dg.SensorResult(run_requests=[range_request(min(hours), max(hours) + HOUR, run_key)], cursor=cursor)
 

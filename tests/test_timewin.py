@@ -12,6 +12,7 @@ from automl_assets.core.timewin import (
     hour_token,
     hours_between,
     is_cadence_hour,
+    last_ended_hour,
     parse_duration,
     partition_times,
     training_snapshots,
@@ -83,3 +84,9 @@ def test_cadence_grid():
     assert is_cadence_hour(utc(2026, 3, 2), timedelta(days=1))
     assert not is_cadence_hour(utc(2026, 3, 2, 1), timedelta(days=1))
     assert is_cadence_hour(utc(2026, 3, 2, 1), HOUR)
+
+
+def test_the_last_ended_hour_is_never_the_one_under_way():
+    assert last_ended_hour(utc(2026, 3, 1, 5)) == utc(2026, 3, 1, 4)  # 05:00 sharp: 04:00 has just ended
+    assert last_ended_hour(utc(2026, 3, 1, 5) + timedelta(minutes=59, microseconds=999_999)) == utc(2026, 3, 1, 4)
+    assert last_ended_hour(utc(2026, 3, 2, 0)) == utc(2026, 3, 1, 23)  # across midnight

@@ -48,6 +48,11 @@ def floor_hour(moment: datetime) -> datetime:
     return utc(moment).replace(minute=0, second=0, microsecond=0)
 
 
+def last_ended_hour(now: datetime) -> datetime:
+    """The start of the newest hour that is over at `now` (the hour under way is not)."""
+    return floor_hour(now) - HOUR
+
+
 def hour_from_key(key: str) -> datetime:
     """Start of the hour named by a Dagster hourly partition key ('2026-03-01-05:00')."""
     return datetime.strptime(key, HOUR_KEY_FORMAT).replace(tzinfo=timezone.utc)
