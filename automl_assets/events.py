@@ -12,6 +12,8 @@ from resources.storage import LocalStorage
 
 # A backfill of many hours is one run (and one query per rollup kind), not one run per hour.
 RANGE_POLICY = dg.BackfillPolicy.single_run()
+# Both assets rewrite hour files other runs read: the instance's dagster.yaml lets one run of this pool in at a time.
+EVENT_STORE_POOL = "event_store"
 FRESHNESS_LIMIT = 3 * HOUR  # an hour's files may arrive an hour or two late; three hours without any is an outage
 
 
@@ -35,6 +37,7 @@ def freshness(storage, covered_until) -> dg.AssetCheckResult:
 @dg.asset(
     partitions_def=hourly_partitions,
     backfill_policy=RANGE_POLICY,
+    pool=EVENT_STORE_POOL,
     group_name="event_store",
     kinds={"parquet"},
     check_specs=[checks.EVENTS_FRESH],
@@ -70,6 +73,7 @@ def events(context: dg.AssetExecutionContext, storage: LocalStorage) -> dg.Mater
 @dg.asset(
     partitions_def=hourly_partitions,
     backfill_policy=RANGE_POLICY,
+    pool=EVENT_STORE_POOL,
     deps=[events],
     group_name="event_store",
     kinds={"duckdb", "spark", "parquet"},

@@ -1,6 +1,7 @@
 """The `automl` command as a user runs it."""
 
 import os
+import shutil
 from pathlib import Path
 
 import dagster as dg
@@ -15,7 +16,8 @@ from automl_assets.core.timewin import hours_between
 from resources.storage import LocalStorage
 from tests.conftest import events_table, utc
 
-SAMPLE = Path(__file__).resolve().parent.parent / "predictions" / "purchase_7d.yaml"
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLE = ROOT / "predictions" / "purchase_7d.yaml"
 
 
 @pytest.fixture
@@ -23,6 +25,8 @@ def env(tmp_path, monkeypatch):
     monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("AUTOML_STORAGE_ROOT", str(tmp_path / "store"))
     (tmp_path / "home").mkdir()
+    # The instance settings the project ships (run queue limits), which in-process runs must work under too.
+    shutil.copy(ROOT / ".dagster_home" / "dagster.yaml", tmp_path / "home")
     return LocalStorage(root=str(tmp_path / "store"))
 
 

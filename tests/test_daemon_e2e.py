@@ -7,6 +7,7 @@ completes in one run."""
 
 import gzip
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -21,6 +22,8 @@ import requests
 
 from automl_assets.core.synthetic import SyntheticConfig, generate_events, write_amplitude_export
 from automl_assets.core.timewin import HOUR
+from automl_assets.predictions import SCOPE_TAG
+from automl_assets.runs import RANGE_END_TAG, RANGE_START_TAG
 from resources.sagemaker import LocalSageMaker
 from tests.conftest import utc
 
@@ -80,6 +83,28 @@ class Dagster:
         assert "errors" not in body, body["errors"]
         return body["data"]
 
+    def launch(self, job: str, tags: dict[str, str]) -> str:
+        """Launch a run of `job` as the launchpad does; the daemon's queue decides when it starts."""
+        data = self.query(
+            "mutation($p: ExecutionParams!) { launchPipelineExecution(executionParams: $p) { __typename "
+            "... on LaunchRunSuccess { run { runId } } ... on PythonError { message } } }",
+            p={
+                "selector": {"repositoryLocationName": "automl", "repositoryName": "__repository__", "pipelineName": job},
+                "runConfigData": {},
+                "executionMetadata": {"tags": [{"key": key, "value": value} for key, value in tags.items()]},
+            },
+        )["launchPipelineExecution"]
+        assert data["__typename"] == "LaunchRunSuccess", data
+        return data["run"]["runId"]
+
+    def run_times(self, run_ids: list[str]) -> dict[str, tuple[str, float | None, float | None]]:
+        """Each run's status, start and end time."""
+        data = self.query(
+            "query($f: RunsFilter) { runsOrError(filter: $f) { ... on Runs { results { runId status startTime endTime } } } }",
+            f={"runIds": run_ids},
+        )
+        return {run["runId"]: (run["status"], run["startTime"], run["endTime"]) for run in data["runsOrError"]["results"]}
+
     def runs(self, job: str) -> list[dict]:
         data = self.query(
             "query($f: RunsFilter) { runsOrError(filter: $f) { ... on Runs { results { runId status tags { key value } } } } }",
@@ -124,6 +149,7 @@ def dagster(tmp_path_factory):
     home, store, specs = tmp / "dagster_home", tmp / "store", tmp / "specs"
     for folder in (home, store, specs):
         folder.mkdir()
+    shutil.copy(ROOT / ".dagster_home" / "dagster.yaml", home)  # the instance settings the project ships
     for chunk in generate_events(SyntheticConfig(n_users=5000, end=END, weeks=3, seed=3)):
         write_amplitude_export(chunk, tmp / LANDING)
     env = {
@@ -215,3 +241,27 @@ def test_a_backfill_launched_like_the_ui_completes_in_one_run(dagster):
         if any(tag["key"] == "dagster/backfill" and tag["value"] == backfill_id for tag in run["tags"])
     ]
     assert len(backfill_runs) == 1  # four hours of two assets: one run, one Spark job per rollup kind
+
+
+def test_the_run_queue_keeps_runs_that_write_the_same_files_apart(dagster):
+    """The shipped dagster.yaml: two runs of one (hour, prediction) partition, and two event-store runs, launched at
+    once, run one after the other."""
+    client, _, logs = dagster
+    hour, prediction = FIRST_SCORED.split("|")
+    partition_tags = {"dagster/partition": FIRST_SCORED, "dagster/partition/hour": hour, "dagster/partition/prediction": prediction}
+    scoring = [client.launch("scoring_job", {**partition_tags, SCOPE_TAG: "active"}) for _ in range(2)]
+    ingest_hours = ["2026-02-21-00:00", "2026-02-21-01:00"]
+    ingests = [
+        client.launch("event_store_job", {RANGE_START_TAG: key, RANGE_END_TAG: key})
+        for key in ingest_hours
+    ]
+
+    def all_done():
+        times = client.run_times(scoring + ingests)
+        return times if all(status in ("SUCCESS", "FAILURE", "CANCELED") for status, _, _ in times.values()) else None
+
+    times = wait_for("the four runs", all_done, 600, logs)
+    assert {status for status, _, _ in times.values()} == {"SUCCESS"}, times
+    for pair in (scoring, ingests):
+        first, second = sorted((times[run_id][1:] for run_id in pair))
+        assert second[0] >= first[1], f"the runs overlapped: {first} and {second}"
