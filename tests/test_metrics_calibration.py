@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import math
 
@@ -135,10 +136,11 @@ def test_out_of_range_scores_follow_platt_not_the_isotonic_ends():
         assert np.ptp(calibrator.isotonic(outside)) == 0  # isotonic alone: one flat value for all of them
         assert np.all((calibrated > 0) & (calibrated < 1))
         assert np.all(np.diff(calibrated) > 0)  # the calibrator keeps ranking them...
-        # ...along the Platt curve: a constant shift in logit space (the anchor at the fitted range's end), before
-        # the linear map onto the bounds
+        # ...along the Platt curve: a constant shift in logit space (the anchor at the fitted range's end); these
+        # values are far enough from 0 and 1 for the bounds to leave them as they are
         low, high = calibrator.bounds
-        shift = logit((calibrated - low) / (high - low)) - logit(calibrator.platt(outside))
+        assert np.all((calibrated > 2 * low) & (calibrated < 1 - 2 * low))
+        shift = logit(calibrated) - logit(calibrator.platt(outside))
         assert np.ptp(shift) < 1e-9 and abs(shift[0]) < 0.5
     assert calibrator.isotonic([0.1, 0.97]).tolist() == [0.0, 1.0]  # the extremes it would otherwise have given
 
@@ -186,6 +188,25 @@ def test_bounds_never_tie_users_when_nearly_everyone_converts():
     low, high = calibrator.bounds
     assert calibrated.max() <= high and calibrated.min() >= low
     assert np.all(np.diff(calibrated) > 0)
+
+
+def test_the_bounds_leave_a_rare_outcomes_probabilities_as_they_are():
+    """Few held-out users and a rare outcome (5%): the bounds must not lift every small probability by most of a
+    margin (one linear map of [0, 1] onto them did: the mean by 0.9 margins here); only values within two margins of
+    0 or 1 move, and those stay strictly increasing inside the bounds."""
+    rng = np.random.default_rng(12)
+    raw = rng.uniform(0, 0.1, 300)
+    calibrator = fit_calibrator(raw, (rng.random(300) < raw).astype(int))
+    unbounded = dataclasses.replace(calibrator, n_fit=10**12)  # the same curve, with bounds a trillionth from 0 and 1
+    margin = calibrator.bounds[0]
+    fresh = np.sort(rng.uniform(0, 0.1, 100_000))
+    bounded, curve = calibrator.predict(fresh), unbounded.predict(fresh)
+    supported = (curve >= 2 * margin) & (curve <= 1 - 2 * margin)
+    assert 0.9 < supported.mean() < 1  # some users fall within two margins of 0
+    np.testing.assert_allclose(bounded[supported], curve[supported], rtol=1e-12)
+    assert bounded.min() >= margin and np.all(bounded[~supported] <= 2 * margin)
+    assert np.all(np.diff(bounded)[np.diff(curve) > 0] > 0)
+    assert abs(bounded.mean() - curve.mean()) < 0.01 * margin
 
 
 def test_fit_needs_both_classes():

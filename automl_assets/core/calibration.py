@@ -62,10 +62,12 @@ class Calibrator:
         return margin, 1.0 - margin
 
     def _within_bounds(self, probability: np.ndarray) -> np.ndarray:
-        """[0, 1] mapped linearly onto the bounds: unlike clipping, it never ties users. (Clipping tied 57% of the
-        users at the upper bound in a 28-day backtest where 91% buy.)"""
-        low, high = self.bounds
-        return low + (high - low) * probability
+        """Probabilities at least two margins from 0 and 1 as they are; the rest of [0, 1] squeezed linearly into
+        the bounds' last margin on each side. Unlike clipping it never ties users (clipping tied 57% of the users at
+        the upper bound in a 28-day backtest where 91% buy), and unlike one linear map of [0, 1] onto the bounds it
+        does not lift every small probability by nearly a margin (a visible share of a rare outcome's rate)."""
+        margin = self.bounds[0]
+        return np.interp(probability, [0.0, 2 * margin, 1 - 2 * margin, 1.0], [margin, 2 * margin, 1 - 2 * margin, 1 - margin])
 
     def isotonic(self, raw) -> np.ndarray:
         # np.interp holds the end values outside the thresholds: the same as IsotonicRegression(out_of_bounds="clip").
