@@ -47,7 +47,8 @@ def cmd_ingest(args) -> int:
 
     from automl_assets.core import event_store, layout
     from automl_assets.core.ingest import ColumnMapping
-    from automl_assets.core.timewin import HOUR, hour_from_token
+    from automl_assets.core.timewin import HOUR, hour_from_token, hour_key
+    from automl_assets.partitions import FIRST_HOUR, ingestible_hours
     from automl_assets.runs import run_event_store
 
     storage = _storage()
@@ -70,8 +71,17 @@ def cmd_ingest(args) -> int:
     if not hours:
         print("no valid events: nothing to materialise")
         return 1
-    run_event_store(_instance(), min(hours), max(hours) + HOUR)
-    print(f"materialised events and hourly_rollups for {len(hours)} hours through Dagster")
+    runnable = ingestible_hours(hours, datetime.now(timezone.utc))
+    if len(runnable) < len(hours):
+        print(
+            f"{len(hours) - len(runnable)} hours are staged but not materialised: before the first partition "
+            f"({FIRST_HOUR}) or not over yet (the hourly ingest merges those once they are)"
+        )
+    if not runnable:
+        return 1
+    start, end = min(runnable), max(runnable) + HOUR
+    run_event_store(_instance(), start, end)
+    print(f"materialised events and hourly_rollups through Dagster for the {(end - start) // HOUR} hours from {hour_key(start)} to {hour_key(end - HOUR)}")
     return 0
 
 

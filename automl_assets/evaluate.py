@@ -297,7 +297,7 @@ def evaluate(
         test_window=[back(test_window[0]), back(test_window[1])],
         time_shift_weeks=shift // WEEK,
         # Whether a win over the RFM regression is more than the test users' noise: both score the same users.
-        auc_minus_rfm=auc_difference(y, score, rfm) if 0 < y.sum() < len(y) else None,
+        auc_minus_rfm=auc_difference(y, score, rfm) if 2 <= y.sum() <= len(y) - 2 else None,
         baselines={
             "rfm_logistic_regression": _report(y, rfm, len(train)),
             "constant": _report(y, np.full(len(y), train_rate), len(train)),

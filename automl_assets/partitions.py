@@ -1,10 +1,11 @@
 """Partitions: events and rollups by hour; every prediction asset by prediction (dynamic) x hour."""
 
+from collections.abc import Iterable
 from datetime import datetime
 
 import dagster as dg
 
-from automl_assets.core.timewin import hour_from_key, hour_key
+from automl_assets.core.timewin import hour_from_key, hour_key, last_ended_hour
 
 # The first hour the store can hold. Earlier data is rejected by the hourly assets' partition range.
 FIRST_HOUR = "2025-01-01-00:00"
@@ -13,6 +14,13 @@ PREDICTION = "prediction"
 hourly_partitions = dg.HourlyPartitionsDefinition(start_date=FIRST_HOUR)
 prediction_partitions = dg.DynamicPartitionsDefinition(name=PREDICTION)
 prediction_hour_partitions = dg.MultiPartitionsDefinition({"hour": hourly_partitions, PREDICTION: prediction_partitions})
+
+
+def ingestible_hours(hours: Iterable[datetime], now: datetime) -> set[datetime]:
+    """The hours of staged events an ingest run may cover: partitions, and over. An event dated before the first
+    partition (epoch 0, say) would fail the whole run; one in an hour still under way is merged by that hour's
+    scheduled ingest (both stay staged)."""
+    return {hour for hour in hours if hour_from_key(FIRST_HOUR) <= hour <= last_ended_hour(now)}
 
 
 def prediction_hour_key(prediction: str, hour_start: datetime) -> dg.MultiPartitionKey:

@@ -28,8 +28,9 @@ TABLES = ("transactions", "products")
 OPTIONAL_TABLES = ("demographics",)
 EVENTS_FILE = "complete_journey_events.parquet"
 DEFAULT_CACHE = "~/.cache/automl"
-# Monday 4 December 2017: 28 days of data follow (transactions run to 1 January 2018, 04:00), and the 28-day
-# prediction's training reads from 11 September (lookback 8 weeks before its training cutoff of 6 November).
+# Monday 4 December 2017: 28 days of data follow (transactions run to 1 January 2018, 04:00). The 28-day
+# prediction's newest training snapshot reads from 11 September (8 weeks before its cutoff of 6 November), its
+# oldest stacked one from 26 June.
 DEFAULT_CUTOFF = "2017-12-04T00:00"
 HORIZONS = ("7d", "28d")
 # Not in predictions/ itself: the spec sensor registers every spec there with the instance's own events.

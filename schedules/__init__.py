@@ -27,7 +27,7 @@ from automl_assets.core.timewin import (
     is_cadence_hour,
     last_ended_hour,
 )
-from automl_assets.partitions import FIRST_HOUR, PREDICTION, prediction_hour_key
+from automl_assets.partitions import PREDICTION, ingestible_hours, prediction_hour_key
 from automl_assets.predictions import (
     INFER,
     SCOPE_FILE,
@@ -213,10 +213,7 @@ def new_raw_events(context: dg.SensorEvaluationContext, storage: LocalStorage):
         digests.append(manifest["digest"])
         batch.append((marker, path))
     cursor = json.dumps(sorted(seen | {marker for marker, _ in batch}))
-    # Only hours that are partitions: an event dated before the first one (epoch 0, say) would fail the whole run,
-    # one in an hour not over yet is merged by that hour's scheduled ingest (both stay staged).
-    last_ended = last_ended_hour(datetime.now(timezone.utc))
-    hours = {hour for hour in hours if hour_from_key(FIRST_HOUR) <= hour <= last_ended}
+    hours = ingestible_hours(hours, datetime.now(timezone.utc))
     if not hours:
         skip = dg.SkipReason("new files hold no valid event in an hour that is over")
         return dg.SensorResult(skip_reason=skip, cursor=cursor)

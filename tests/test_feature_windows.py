@@ -8,6 +8,7 @@ import pytest
 
 from automl_assets.core.event_store import write_events
 from automl_assets.core.feature_sql import (
+    EventProperty,
     Taxonomy,
     UserProperty,
     cohort_query,
@@ -15,6 +16,7 @@ from automl_assets.core.feature_sql import (
     label_query,
     matrix_query,
 )
+from automl_assets.core.spark_jobs import LONG_VALUE
 from automl_assets.core.timewin import epoch_hour, hours_between, partition_times
 from tests.conftest import events_table, utc
 
@@ -107,6 +109,26 @@ def test_a_cohort_user_with_no_event_in_the_lookback_has_the_never_values(storag
     never = 2 * 168 + 1
     assert matrix.loc["three_weeks_ago", ["f__all__hours_since", "f__purchase__hours_since", "f__purchase__w1"]].tolist() == [never, never, 0]
     assert matrix.loc["recent", ["f__all__hours_since", "f__purchase__hours_since", "f__purchase__w1"]].tolist() == [1, 1, 1]
+
+
+def test_long_property_values_and_quotes_mean_the_same_on_every_engine(storage, engine):
+    """A property value longer than rollups keep is stored as LONG_VALUE (it still counts as a use of its property),
+    and an event name or value with an apostrophe is counted as itself (a doubled quote in the SQL literal)."""
+    rows = [
+        {"user_id": "u", "event_type": "men's buy", "event_time": A - timedelta(minutes=30), "event_properties": {"note": "x" * 150, "size": "it's"}},
+        {"user_id": "v", "event_type": "mens buy", "event_time": A - timedelta(minutes=20), "event_properties": {"size": "its"}},
+    ]
+    write_events(storage, events_table(rows))
+    hours = hours_between(A - timedelta(days=1), A)
+    engine.build_rollups(storage, hours)
+    engine.register_rollups(storage, hours)
+    props = engine.to_pandas("SELECT event_type, prop_key, prop_value, n FROM props ORDER BY event_type, prop_key")
+    assert props.values.tolist() == [["men's buy", "note", LONG_VALUE, 1], ["men's buy", "size", "it's", 1], ["mens buy", "size", "its", 1]]
+    query = feature_query(Taxonomy(events=("men's buy",), event_properties=(EventProperty("men's buy", "size", ("it's",)),), weeks=1), epoch_hour(A))
+    features = engine.to_pandas(query.sql).set_index("user_id")
+    event_week, size = query.columns[3], query.columns[-1]  # after all events' week, active hours and hours since
+    assert event_week.endswith("__w1") and "__all__" not in event_week and "size" in size
+    assert features.loc[["u", "v"], [event_week, size]].values.tolist() == [[1, 1], [0, 0]]
 
 
 def test_both_engines_build_identical_rollups_and_features(tmp_path, spark_session):

@@ -1,7 +1,9 @@
+import csv
 import gzip
 import hashlib
 import json
 from datetime import datetime, timezone
+from decimal import Decimal
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -44,9 +46,9 @@ def event(user_id, event_type, event_time, insert_id, event_properties=(), user_
     }
 
 
-def expected_hash(user_id, event_type, event_time, event_properties):
+def expected_hash(user_id, event_type, event_time, event_properties, user_properties=(), revenue=None):
     iso = event_time.isoformat(timespec="microseconds")
-    payload = json.dumps([user_id, event_type, iso, [list(kv) for kv in event_properties]])
+    payload = json.dumps([user_id, event_type, iso, *([list(kv) for kv in props] for props in (event_properties, user_properties)), revenue])
     return "h:" + hashlib.sha1(payload.encode()).hexdigest()
 
 
@@ -466,6 +468,10 @@ def test_derived_insert_id_is_stable_and_input_sensitive(tmp_path):
         {**base, "event_time": "2026-03-01T05:06:08Z"},
         {**base, "user_id": "u2"},
         {**base, "event_type": "click"},
+        # two purchases in one second that differ only in amount or in a user property are two events
+        {**base, "revenue": 10},
+        {**base, "revenue": 250},
+        {**base, "user_properties": {"plan": "pro"}},
     ]
     first = read_events(write_lines(tmp_path / "a.json", variants)).events.column("insert_id").to_pylist()
     again = read_events(write_lines(tmp_path / "b.json.gz", variants)).events.column("insert_id").to_pylist()
@@ -608,3 +614,32 @@ def test_explicit_format_overrides_the_extension(tmp_path):
     assert read_events(path, fmt="amplitude").events.column("user_id").to_pylist() == ["u1"]
     with pytest.raises(ValueError, match="csv and parquet sources only"):
         read_events(path, fmt="amplitude", mapping=ColumnMapping())
+
+
+def test_odd_but_valid_values_are_quarantined_not_fatal_and_decimals_are_revenue(tmp_path):
+    lines = [
+        {"user_id": "u1", "event_type": "view", "event_time": "0001-01-01T00:00:00", "insert_id": "placeholder"},
+        {"user_id": "u1", "event_type": "view", "event_time": "99999999999999", "insert_id": "year_5138"},
+        {"user_id": "u1", "event_type": "view", "event_time": "2026-03-01T05:06:07Z", "insert_id": "huge", "revenue": 10**400},
+        {"user_id": "\ud800", "event_type": "view", "event_time": "2026-03-01T05:06:07Z", "insert_id": "surrogate"},
+        {"user_id": "u1", "event_type": "view", "event_time": "2026-03-01T05:06:07Z", "insert_id": "ok"},
+    ]
+    path = tmp_path / "odd.json"
+    path.write_text("\n".join(json.dumps(line) for line in lines) + "\n")  # json.dumps escapes the lone surrogate
+    result = read_events(path)
+    assert result.events["insert_id"].to_pylist() == ["ok"]
+    assert result.reason_counts() == {"bad_event_time": 2, "bad_revenue": 1, "invalid_json": 1}
+
+    money = pa.table({"uid": ["u1"], "name": ["buy"], "ts": ["2026-03-01 05:06:07"], "amount": pa.array([Decimal("12.34")], pa.decimal128(18, 2))})
+    pq.write_table(money, tmp_path / "money.parquet")
+    mapping = ColumnMapping(user_id="uid", event_type="name", event_time="ts", revenue="amount")
+    assert read_events(tmp_path / "money.parquet", mapping=mapping).events["revenue"].to_pylist() == [12.34]
+
+
+def test_a_csv_cell_over_128_kib_is_read(tmp_path):
+    big = json.dumps({"note": "x" * 200_000})
+    path = tmp_path / "big.csv"
+    with open(path, "w", newline="") as handle:
+        csv.writer(handle).writerows([["uid", "name", "ts", "props"], ["u1", "view", "2026-03-01 05:06:07", big]])
+    mapping = ColumnMapping(user_id="uid", event_type="name", event_time="ts", event_properties="props")
+    assert read_events(path, mapping=mapping).events["event_properties"].to_pylist() == [[("note", "x" * 200_000)]]

@@ -3,7 +3,8 @@ features, and what the report says about the rest."""
 
 import pandas as pd
 
-from automl_assets.core.feature_sql import EventProperty, UserProperty
+from automl_assets.core.feature_sql import EventProperty, UserProperty, feature_query
+from automl_assets.core.spark_jobs import LONG_VALUE
 from automl_assets.core.taxonomy import select_taxonomy
 
 EVENTS = pd.DataFrame({"event_type": ["purchase", "view"], "n": [500, 900], "revenue": [1200.0, 0.0]})
@@ -58,3 +59,24 @@ def test_user_properties_follow_the_same_coverage_rule():
     taxonomy, report = select(property_stats("page", [1]), users)
     assert taxonomy.user_properties == (UserProperty("plan", ("free", "pro", "team")),)
     assert report["identifier_like_user_properties"] == ["email"]
+
+
+def test_values_too_long_or_odd_to_be_features_still_count_as_uses():
+    # 95 file paths used 10 times each (stored as the rollup's one long value, or too odd to quote) and a default used
+    # 50 times: the default covers 5% of uses, so the property is a path, not a category.
+    files = pd.DataFrame(
+        {"event_type": "view", "prop_key": "file", "prop_value": [LONG_VALUE, "C:\\x", "none"], "n": [900, 50, 50]}
+    )
+    bios = pd.DataFrame({"prop_key": "bio", "value": ["x" * 150, "n/a"], "users": [98, 2]})
+    taxonomy, report = select(pd.concat([files, property_stats("page", [40, 30], event_type="view")]), bios)
+    assert [p.key for p in taxonomy.event_properties] == ["page"]
+    assert report["identifier_like_event_properties"] == ["view.file (3 values, the top 1 cover 5.0% of uses)"]
+    assert taxonomy.user_properties == () and report["identifier_like_user_properties"] == ["bio"]
+
+
+def test_an_event_property_whose_key_cannot_be_a_feature_is_left_out():
+    # A key with a backslash cannot be quoted in the feature SQL: choosing it failed every training run.
+    taxonomy, report = select(pd.concat([property_stats("C:\\dir", [10, 5]), property_stats("page", [4], event_type="view")]))
+    assert [p.key for p in taxonomy.event_properties] == ["page"]
+    assert report["identifier_like_event_properties"][0].startswith("purchase.C:\\dir ")
+    feature_query(taxonomy, as_of_hour=1000)  # the chosen taxonomy makes a query

@@ -119,6 +119,24 @@ def test_a_training_cohort_over_the_cap_keeps_the_users_training_would_keep(tmp_
     assert (sample_train | sample_validation).all() and set(kept[sample_validation]) == set(users[validation])
 
 
+def test_the_cap_applies_to_each_stacked_snapshot_as_the_cohort_samples_them():
+    # Two snapshots of 190 users each, 290 users in all: under a cap of 250 the cohort samples neither, so training
+    # must keep every row (a cap on the users of all snapshots together dropped 40 users' rows that were built).
+    users = pd.Series([f"u{i}" for i in range(190)] + [f"u{i}" for i in range(100, 290)])
+    snapshots = np.repeat([0, 1], 190)
+    options = {"validation_fraction": 0.2, "max_training_users": 250, "seed": 0}
+    train, validation = split_users(users, **options, snapshots=snapshots)
+    assert (train | validation).all()
+    # Over the cap, each snapshot keeps the users the cohort's sample of it holds, on the same sides.
+    options["max_training_users"] = 100
+    train, validation = split_users(users, **options, snapshots=snapshots)
+    for snapshot in (0, 1):
+        rows = snapshots == snapshot
+        alone = split_users(users[rows].reset_index(drop=True), **options)
+        assert (train[rows] == alone[0]).all() and (validation[rows] == alone[1]).all()
+        assert (train | validation)[rows].sum() == 100
+
+
 def test_to_prior_undoes_balanced_class_weights():
     assert to_prior(np.array([0.5]), 0.1)[0] == pytest.approx(0.1)
     balanced = np.array([0.0, 0.2, 0.9, 1.0])

@@ -29,10 +29,10 @@ _DUCKDB_TYPES = {"string": "VARCHAR", "long": "BIGINT", "double": "DOUBLE", "tim
 
 _DUCKDB_ROLLUP_SQL = {
     "counts": spark_jobs.ROLLUP_SQL["counts"],
-    "props": "SELECT user_id, event_type, e.key AS prop_key, e.value AS prop_value, hour_idx, COUNT(*) AS n "
-    "FROM (SELECT user_id, event_type, hour_idx, unnest(map_entries(event_properties)) AS e FROM {events}) p "
-    f"WHERE length(e.value) <= {spark_jobs.MAX_PROPERTY_VALUE_LENGTH} "
-    "GROUP BY user_id, event_type, e.key, e.value, hour_idx",
+    "props": "SELECT user_id, event_type, e.key AS prop_key, CASE WHEN length(e.value) <= "
+    f"{spark_jobs.MAX_PROPERTY_VALUE_LENGTH} THEN e.value ELSE '{spark_jobs.LONG_VALUE}' END AS prop_value, hour_idx, "
+    "COUNT(*) AS n FROM (SELECT user_id, event_type, hour_idx, unnest(map_entries(event_properties)) AS e FROM {events}) p "
+    "GROUP BY ALL",
     # Same tie-break as Spark: (event_time, insert_id).
     "users": "SELECT user_id, u.key AS prop_key, hour_idx, "
     "arg_min(u.value, (event_time, insert_id)) AS first_value, min(event_time) AS first_time, "

@@ -30,6 +30,7 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from datetime import date, datetime, timedelta, timezone
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -81,9 +82,10 @@ _FIELD_ORDER = (
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 _ONE_US = timedelta(microseconds=1)
-# Bounds that keep every accepted time convertible back to a datetime (needed for the derived insert_id).
-_MIN_US = (datetime.min.replace(tzinfo=timezone.utc) - _EPOCH) // _ONE_US
-_MAX_US = (datetime.max.replace(tzinfo=timezone.utc) - _EPOCH) // _ONE_US
+# Accepted event times: from the Unix epoch to the end of 2099. Anything else is a placeholder ("0001-01-01") or a
+# unit mistake (a 14-digit epoch); a year before 1000 would not even name an hour folder the store can read back.
+_MIN_US = 0
+_MAX_US = (datetime(2100, 1, 1, tzinfo=timezone.utc) - _EPOCH) // _ONE_US - 1
 _EPOCH_NUMBER = re.compile(r"[+-]?\d+(?:\.\d*)?").fullmatch
 
 
@@ -151,10 +153,20 @@ class _Rejected(Exception):
 # Value normalisation shared by every format
 
 
+def _unicode(text: str) -> str:
+    """`text`, if it is Unicode text: JSON's escapes can spell a lone surrogate ("\\ud800"), which no file can store."""
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise _Rejected(INVALID_JSON) from None
+    return text
+
+
 def _text(value: Any) -> str | None:
     """An id-like value as stripped text; None when missing, empty or not a scalar."""
     if isinstance(value, str):
-        return value.strip() or None
+        return _unicode(value.strip()) or None
     if isinstance(value, bool):
         return None
     if isinstance(value, int):
@@ -238,7 +250,7 @@ def _property_items(value: Any) -> list[tuple[str, str]]:
     if not isinstance(value, dict):
         raise _Rejected(BAD_PROPERTIES)
     items = [
-        (k if isinstance(k, str) else str(k), v if isinstance(v, str) else _property_text(v))
+        (_unicode(k) if isinstance(k, str) else str(k), _unicode(v) if isinstance(v, str) else _property_text(v))
         for k, v in value.items()
         if v is not None
     ]
@@ -249,8 +261,11 @@ def _property_items(value: Any) -> list[tuple[str, str]]:
 def _revenue(value: Any) -> float | None:
     if value is None:
         return None
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        number = float(value)
+    if isinstance(value, (int, float, Decimal)) and not isinstance(value, bool):  # Decimal: parquet's money columns
+        try:
+            number = float(value)
+        except OverflowError:  # an integer too large for a float
+            raise _Rejected(BAD_REVENUE) from None
     elif isinstance(value, str):
         if not value.strip():
             return None
@@ -267,10 +282,13 @@ def _revenue(value: Any) -> float | None:
     return number
 
 
-def _derived_insert_id(user_id: str, event_type: str, event_time_us: int, event_properties: list) -> str:
-    """A stable id for sources without one, so re-ingesting the same event deduplicates against itself."""
+def _derived_insert_id(
+    user_id: str, event_type: str, event_time_us: int, event_properties: list, user_properties: list, revenue: float | None
+) -> str:
+    """A stable id for sources without one, so re-ingesting the same event deduplicates against itself: of every
+    canonical field, so two events that differ in any (two purchases in one second, of different amounts) stay two."""
     iso = (_EPOCH + timedelta(microseconds=event_time_us)).isoformat(timespec="microseconds")
-    payload = json.dumps([user_id, event_type, iso, event_properties])
+    payload = json.dumps([user_id, event_type, iso, event_properties, user_properties, revenue])
     return "h:" + hashlib.sha1(payload.encode("utf-8")).hexdigest()
 
 
@@ -300,7 +318,7 @@ def _canonical(
     eprops = _property_items(event_properties)
     uprops = _property_items(user_properties)
     amount = _revenue(revenue)
-    iid = _text(insert_id) or _derived_insert_id(uid, etype, us, eprops)
+    iid = _text(insert_id) or _derived_insert_id(uid, etype, us, eprops, uprops, amount)
     return uid, etype, us, iid, eprops, uprops, amount
 
 
@@ -644,6 +662,11 @@ class _Plain:
         return strings
 
     def micros(self, strings: pa.Array) -> np.ndarray:
+        us = self._micros(strings)
+        self.ok &= (us >= _MIN_US) & (us <= _MAX_US)  # outside: rejected record by record, as _micros_in_range does
+        return us
+
+    def _micros(self, strings: pa.Array) -> np.ndarray:
         export = _export_times(strings)
         if export is not None:  # a file in Amplitude's own time format throughout: no regex needed
             us, valid = _digits_micros(export)
@@ -878,6 +901,8 @@ def _csv_line(row: list[str]) -> str:
 def _read_csv(path: Path, mapping: ColumnMapping) -> IngestResult:
     collector = _Collector(path, _csv_line)
     opener = gzip.open if path.name.lower().endswith(".gz") else open
+    # Python's csv module stops a whole file at a cell over 128 KiB; a long JSON properties cell is a valid one.
+    csv.field_size_limit(max(csv.field_size_limit(), 1 << 30))
     with _reading(path), opener(path, "rt", encoding="utf-8-sig", newline="") as f:
         reader = csv.reader(f)
         try:

@@ -39,8 +39,8 @@ def auc_difference(y, p, q, z: float = 1.96) -> dict:
     q = _arrays(y, q)[1]
     positive = y == 1
     m, n = int(positive.sum()), int((~positive).sum())
-    if m == 0 or n == 0:
-        raise ValueError("an AUC difference needs both classes among the labels")
+    if m < 2 or n < 2:  # DeLong's variance is a covariance within each class
+        raise ValueError(f"an AUC difference's error needs two labels of each class ({m} positive, {n} negative)")
     scores = np.stack([p, q])
     combined = np.concatenate([scores[:, positive], scores[:, ~positive]], axis=1)
     ranks = rankdata(combined, axis=1)  # midranks: ties count half, as in the AUC
@@ -72,7 +72,8 @@ def reliability_table(y, p, bins: int = 10) -> pd.DataFrame:
 
     Equal-mass (quantile) bins rather than equal-width ones: conversion scores crowd near 0, so equal-width bins put
     almost every user in the first bin and leave the rest nearly empty and noisy. Rows are ranked by ``p`` and cut into
-    ``bins`` groups whose sizes differ by at most one; with fewer rows than bins, each row is its own bin. Equal
+    ``bins`` groups whose sizes differ by at most one, unless equal predictions straddle a cut; with fewer rows than
+    bins, each row is its own bin. Equal
     predictions share the bin of the first of them: split by position, the rows' order would decide the result (a
     constant prediction at the observed rate would look miscalibrated when the labels come sorted). Columns: ``bin``
     (0 = lowest predictions), ``mean_pred``, ``mean_obs``, ``count``.

@@ -27,7 +27,7 @@ def user_fraction(user_ids, seed: int) -> np.ndarray:
 
 
 def split_users(
-    user_ids: pd.Series, *, validation_fraction: float, max_training_users: int, seed: int
+    user_ids: pd.Series, *, validation_fraction: float, max_training_users: int, seed: int, snapshots: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """Boolean row masks ``(train, validation)``; rows of users beyond the cap are in neither.
 
@@ -35,7 +35,18 @@ def split_users(
     it in validation. The cap keeps the users whose u is lowest *within their side* (u rescaled to [0, 1) on each
     side), so it takes both sides in proportion and never moves a user across the split. All rows of a user land on
     one side, and a user keeps its side from one retrain to the next.
+
+    ``snapshots`` (a stacked matrix's snapshot per row): the cap applies to each snapshot's users on their own, as
+    the cohort asset samples each snapshot, so a matrix built from those samples is kept whole.
     """
+    if snapshots is not None:
+        train, validation = np.zeros(len(user_ids), bool), np.zeros(len(user_ids), bool)
+        for snapshot in np.unique(snapshots):
+            rows = np.flatnonzero(snapshots == snapshot)
+            train[rows], validation[rows] = split_users(
+                user_ids.iloc[rows], validation_fraction=validation_fraction, max_training_users=max_training_users, seed=seed
+            )
+        return train, validation
     if not 0 < validation_fraction < 1:
         raise ValueError(f"validation_fraction must be between 0 and 1, got {validation_fraction}")
     codes, uniques = pd.factorize(user_ids)

@@ -34,8 +34,12 @@ def user_property_stats_sql(start_hour: int, end_hour: int) -> str:
 
 
 def _top_values(group: pd.DataFrame, value: str, count: str, limit: int) -> tuple[tuple[str, ...], float]:
-    """One property's `limit` most used values (ties by value) and the share of its uses (`count`) they cover."""
-    top = group.sort_values([count, value], ascending=[False, True]).head(limit)
+    """One property's `limit` most used values that can be features (ties by value), and the share of all its uses
+    (`count`) they cover: values too long or odd to be features still count as uses, or a property of paths or
+    free text with one short default value would look categorical."""
+    # astype(bool): on an empty group the mask is an empty object Series, which pandas would take as columns.
+    usable = group[group[value].map(lambda v: isinstance(v, str) and usable_value(v)).astype(bool)]
+    top = usable.sort_values([count, value], ascending=[False, True]).head(limit)
     return tuple(top[value]), float(top[count].sum() / group[count].sum())
 
 
@@ -57,7 +61,7 @@ def select_taxonomy(
     events = tuple(ranked["event_type"].head(top_events))
     revenue_events = tuple(sorted(ranked[(ranked["revenue"] > 0) & ranked["event_type"].isin(events)]["event_type"]))
 
-    props = property_stats[property_stats["event_type"].isin(events) & property_stats["prop_value"].map(usable_value)]
+    props = property_stats[property_stats["event_type"].isin(events)]
     pairs = []
     for (event_type, key), group in props.groupby(["event_type", "prop_key"]):
         values, coverage = _top_values(group, "prop_value", "n", max_property_values)
@@ -65,7 +69,7 @@ def select_taxonomy(
     event_properties, identifier_like_events, truncated = [], [], []
     for _, event_type, key, distinct, values, coverage in sorted(pairs, key=lambda pair: pair[:3]):  # most used first
         described = f"{event_type}.{key} ({distinct} values, the top {len(values)} cover {coverage:.1%} of uses)"
-        if coverage < MIN_VALUE_COVERAGE:
+        if not usable_value(key) or coverage < MIN_VALUE_COVERAGE:
             identifier_like_events.append(described)
         elif len(event_properties) < top_properties:
             event_properties.append(EventProperty(event_type, key, values))
@@ -73,12 +77,7 @@ def select_taxonomy(
                 truncated.append(described)
 
     user_properties, identifier_like = [], []
-    # astype(bool): with no user properties at all the mask is an empty object Series, which pandas would take as a
-    # selection of columns.
-    usable = user_property_stats[
-        user_property_stats["value"].map(lambda v: isinstance(v, str) and usable_value(v)).astype(bool)
-    ]
-    for key, group in sorted(usable.groupby("prop_key"), key=lambda item: item[0]):
+    for key, group in sorted(user_property_stats.groupby("prop_key"), key=lambda item: item[0]):
         values, coverage = _top_values(group, "value", "users", user_property_values)
         if not usable_value(key) or coverage < MIN_VALUE_COVERAGE:
             identifier_like.append(key)

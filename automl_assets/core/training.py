@@ -370,14 +370,15 @@ def train_candidates(
     if not np.isin(labels, (0, 1)).all():
         raise ValueError("label must be 0 or 1")
 
+    snapshots = matrix["snapshot"].to_numpy() if "snapshot" in matrix.columns else None
     train, validation = split_users(
-        matrix["user_id"], validation_fraction=validation_fraction, max_training_users=max_training_users, seed=seed
+        matrix["user_id"], validation_fraction=validation_fraction, max_training_users=max_training_users, seed=seed, snapshots=snapshots
     )
     # In a stacked matrix the training users' rows of every snapshot are fitted on, and the candidates are compared on
     # every row of the validation users: on their newest snapshot alone (a few hundred users on small data) the
     # choice turned on differences far below its noise. The calibrator learns from the newest snapshot, the label
     # window closest to the one scores are about.
-    calibration = validation & (matrix["snapshot"].to_numpy() == 0) if "snapshot" in matrix.columns else validation
+    calibration = validation & (snapshots == 0) if snapshots is not None else validation
     _require_both_classes(labels[train | calibration], "training matrix", MIN_ROWS, MIN_PER_CLASS)
     _require_both_classes(labels[train], "training split", 1, 1)
     _require_both_classes(labels[calibration], "validation users' newest snapshot", 1, 1)
