@@ -1,28 +1,21 @@
 """Calibrator: maps the chosen model's raw scores to probabilities, fitted on held-out users of the most recent
 label window; isotonic where it has support, Platt scaling beyond, outputs bounded away from 0 and 1."""
 
-from datetime import datetime
-
 import dagster as dg
 import numpy as np
 import pandas as pd
 
-from automl_assets.core import layout
 from automl_assets.core.calibration import fit_calibrator, to_prior
 from automl_assets.core.metrics import reliability_table, summarise
 from automl_assets.core.splits import user_fraction
 from automl_assets.model import model
 from automl_assets.partitions import prediction_hour_partitions
-from automl_assets.predictions import prediction_run
+from automl_assets.predictions import calibrator_parts, prediction_run
 from automl_assets.taxonomy import PREDICTION_GROUP
 from resources.storage import LocalStorage
 
 REFERENCE_QUANTILES = 1001  # the score distribution percentiles are read against
 CALIBRATION_SEED = 1  # differs from the training split's seed so the halves are independent of it
-
-
-def calibrator_parts(prediction: str, hour: datetime) -> tuple[str, ...]:
-    return layout.prediction_asset(prediction, "calibrator", hour, "calibrator.json")
 
 
 def reliability_markdown(label: np.ndarray, uncalibrated: np.ndarray, calibrated: np.ndarray) -> str:

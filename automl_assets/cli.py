@@ -103,10 +103,25 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def _registered(storage, predictions: list[str]) -> list[str]:
+    """`predictions`, checked against the registered ones before any run starts."""
+    from automl_assets.predictions import active_predictions
+
+    known = active_predictions(storage)
+    unknown = [name for name in predictions if name not in known]
+    if unknown:
+        raise ValueError(
+            f"no registered prediction named {', '.join(unknown)} (registered: {', '.join(known) or 'none'}); "
+            "register its spec first: automl register predictions/NAME.yaml"
+        )
+    return predictions
+
+
 def cmd_materialize(args) -> int:
     from automl_assets.core.timewin import hour_from_key
     from automl_assets.runs import run_prediction
 
+    _registered(_storage(), [args.prediction])
     result = run_prediction(_instance(), args.prediction, hour_from_key(args.hour), args.scope)
     print(f"run {result.run_id} succeeded for {args.prediction} at {args.hour}")
     return 0
@@ -119,10 +134,11 @@ def cmd_backfill(args) -> int:
     from schedules import retrain_due
 
     instance, storage = _instance(), _storage()
+    predictions = _registered(storage, args.prediction) if args.prediction else active_predictions(storage)
     start, end = hour_from_key(args.start), hour_from_key(args.end) + HOUR
     run_event_store(instance, start, end)
     print(f"event store: {len(hours_between(start, end))} hours in one run")
-    for prediction in args.prediction or active_predictions(storage):
+    for prediction in predictions:
         for hour in hours_between(start, end):
             train = retrain_due(storage, prediction, hour)
             run_prediction(instance, prediction, hour, args.scope, train=train)
@@ -174,11 +190,22 @@ def cmd_real_data(args) -> int:
 
 
 def cmd_endpoints(args) -> int:
+    from automl_assets.scores import endpoint_name
     from resources.environments import resources_for_env
 
     sagemaker = resources_for_env()["sagemaker"]
     if args.stop:
-        names = sagemaker.endpoint_names() if args.stop == ["all"] else args.stop
+        deployed = sagemaker.endpoint_names()
+        # A prediction's name or its endpoint's (automl-purchase-7d) both name it.
+        names = deployed if args.stop == ["all"] else [n if n in deployed else endpoint_name(n) for n in args.stop]
+        unknown = [given for given, name in zip(args.stop, names) if name not in deployed and given != "all"]
+        if unknown:
+            print(
+                f"no endpoint for {', '.join(unknown)}; deployed: {', '.join(deployed) or 'none'} (give a prediction or "
+                "an endpoint name, or `all`)",
+                file=sys.stderr,
+            )
+            return 2
         for name in names:
             print(f"{name}: {'stopped' if sagemaker.delete_endpoint(name) else 'was not running'}")
         return 0
@@ -246,7 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     real_data.set_defaults(func=cmd_real_data)
 
     endpoints = commands.add_parser("endpoints", help="list the local scoring endpoints, or stop them")
-    endpoints.add_argument("--stop", nargs="+", metavar="NAME", help="endpoint names, or `all`")
+    endpoints.add_argument("--stop", nargs="+", metavar="NAME", help="prediction or endpoint names, or `all`")
     endpoints.set_defaults(func=cmd_endpoints)
 
     scores = commands.add_parser("scores", help="a user's latest scores")
@@ -270,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (SpecError, IngestError, ValueError, RuntimeError) as error:
+    except (SpecError, IngestError, ValueError, RuntimeError, OSError, dg.DagsterError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
 

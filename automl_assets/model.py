@@ -19,6 +19,7 @@ from automl_assets.core.splits import SPLIT_SEED, VALIDATION_FRACTION
 from automl_assets.predictions import (
     TARGET_FILE,
     PredictionRun,
+    calibrator_parts,
     model_in_force,
     model_version,
     prediction_run,
@@ -109,6 +110,11 @@ def model(context: dg.AssetExecutionContext, storage: LocalStorage, sagemaker: L
             "same run as model (a scoring-only run does not build one)."
         )
     return_freed_memory()
+    # A retrain of an hour that has a model: that hour is out of force (model_in_force needs its promotion and
+    # calibrator) until this run's calibrator is stored, or other runs would pair the new model with the old
+    # calibrator, and keep doing so if this run stopped before its calibrator step.
+    storage.remove(*promotion_parts(run.prediction, run.hour))
+    storage.remove(*calibrator_parts(run.prediction, run.hour))
     with sagemaker.train(job_name(run, "train"), {"train": train_channel}, hyperparameters, context.log.info) as job:
         _copy_into_store(storage, job.model_dir, run.parts("model", "model"))
         _copy_into_store(storage, job.output_data_dir, run.parts("model", "output"))

@@ -152,6 +152,10 @@ def promotion_parts(prediction: str, hour: datetime) -> tuple[str, ...]:
     return layout.prediction_asset(prediction, "model", hour, "promotion.json")
 
 
+def calibrator_parts(prediction: str, hour: datetime) -> tuple[str, ...]:
+    return layout.prediction_asset(prediction, "calibrator", hour, "calibrator.json")
+
+
 def trained_hours(storage, prediction: str) -> list[datetime]:
     root = layout.prediction_asset_root(prediction, "model")
     return sorted(layout.folder_hour(name) for name in storage.list_dir(*root) if name.startswith(layout.HOUR_PREFIX))
@@ -177,7 +181,7 @@ def model_in_force(storage, prediction: str, hour: datetime, before: bool = Fals
         if trained > hour or (before and trained == hour):
             continue
         promotion = promotion_parts(prediction, trained)
-        calibrated = layout.prediction_asset(prediction, "calibrator", trained, "calibrator.json")
+        calibrated = calibrator_parts(prediction, trained)
         promoted = storage.exists(*promotion) and storage.read_json(*promotion)["promoted"]
         if promoted and storage.exists(*calibrated) and trained_for(storage, prediction, trained, target):
             return trained

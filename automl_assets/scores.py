@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from automl_assets import checks
-from automl_assets.calibrator import calibrator, calibrator_parts
+from automl_assets.calibrator import calibrator
 from automl_assets.core import layout
 from automl_assets.core.calibration import Calibrator
 from automl_assets.core.feature_sql import Taxonomy
@@ -17,7 +17,15 @@ from automl_assets.feature_matrix import feature_matrix, matrix_parts, matrix_sq
 from automl_assets.features import cohort_features_query
 from automl_assets.model import job_name
 from automl_assets.partitions import prediction_hour_partitions
-from automl_assets.predictions import INFER, PredictionRun, model_in_force, model_version, prediction_run, scoring_scope
+from automl_assets.predictions import (
+    INFER,
+    PredictionRun,
+    calibrator_parts,
+    model_in_force,
+    model_version,
+    prediction_run,
+    scoring_scope,
+)
 from automl_assets.taxonomy import PREDICTION_GROUP, TAXONOMY_FILE
 from resources.sagemaker import LocalSageMaker
 from resources.engine import EngineResource

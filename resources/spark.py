@@ -27,8 +27,14 @@ EMBEDDED_SPARK_CONFIG = {
 }
 
 
+# Embedded Spark's driver and block manager serve no one but this process: on loopback only. (Spark otherwise picks
+# a network interface's address when the host name resolves to loopback.) A cluster's executors must reach the
+# driver, so a master URL leaves the address to Spark.
+LOOPBACK_ONLY = {"spark.driver.host": "127.0.0.1", "spark.driver.bindAddress": "127.0.0.1"}
+
+
 def spark_config(master: str | None = None, remote: str | None = None) -> dict[str, str]:
     """Embedded Spark, or the cluster named by a master URL (spark://, yarn, k8s://) or a Spark Connect URL."""
     if remote:
         return {"spark.remote": remote}
-    return {**EMBEDDED_SPARK_CONFIG, **({"spark.master": master} if master else {})}
+    return {**EMBEDDED_SPARK_CONFIG, **({"spark.master": master} if master else LOOPBACK_ONLY)}

@@ -141,3 +141,41 @@ def test_ingest_materialises_the_hours_that_are_partitions_and_over(env, tmp_pat
     with dg.DagsterInstance.get() as instance:
         assert sorted(instance.get_materialized_partitions(dg.AssetKey("events"))) == ["2026-03-01-05:00", "2026-03-01-06:00", "2026-03-01-07:00"]
     assert [path.name for path in env.base.glob("landing/*/*")] == ["export.json"]
+
+
+def test_mistakes_get_an_error_that_says_what_to_do_before_any_run(env, tmp_path, monkeypatch, capsys):
+    assert main(["materialize", "nope", "2026-03-01-23:00"]) == 2
+    assert "no registered prediction named nope (registered: none); register its spec first" in capsys.readouterr().err
+    assert main(["backfill", "2026-03-01-05:00", "2026-03-01-06:00", "--prediction", "typo"]) == 2
+    assert "no registered prediction named typo" in capsys.readouterr().err
+    with dg.DagsterInstance.get() as instance:
+        assert instance.get_run_records() == []  # the event store did not run first
+    assert main(["ingest", str(tmp_path / "missing.csv")]) == 2
+    assert "missing.csv" in capsys.readouterr().err
+
+    # Endpoints are stopped by prediction or endpoint name; an unknown name is an error, not "was not running".
+    monkeypatch.setenv("AUTOML_SAGEMAKER_ROOT", str(tmp_path / "sagemaker"))
+    assert main(["endpoints", "--stop", "purchase_7d"]) == 2
+    assert "no endpoint for purchase_7d; deployed: none" in capsys.readouterr().err
+    state = tmp_path / "sagemaker" / "endpoints" / "automl-purchase-7d.json"
+    state.parent.mkdir(parents=True)
+    state.write_text("{}")  # deployed once, its process long gone
+    assert main(["endpoints", "--stop", "purchase_7d"]) == 0
+    assert capsys.readouterr().out == "automl-purchase-7d: was not running\n" and not state.exists()
+
+
+def test_the_demo_keeps_one_history_per_store(tmp_path):
+    """A re-run on a later day repeats the stored history instead of adding the same users' other days to it;
+    other settings are refused with what to do."""
+    from automl_assets.demo import DEMO_FILE, demo_history
+
+    landing = tmp_path / "landing" / "demo-seed7"
+    first = demo_history(landing, users=3000, weeks=10, seed=7, end=None)
+    assert first.hour == 0 and first <= datetime.now(timezone.utc)
+    record = json.loads((landing / DEMO_FILE).read_text())
+    record["end"] = "2026-03-02T00:00:00+00:00"  # as if generated on an earlier day
+    (landing / DEMO_FILE).write_text(json.dumps(record))
+    assert demo_history(landing, users=3000, weeks=10, seed=7, end=None) == utc(2026, 3, 2)
+    for other in ({"users": 500}, {"end": utc(2026, 3, 9)}):
+        with pytest.raises(ValueError, match="would mix two histories of the same users"):
+            demo_history(landing, **({"users": 3000, "weeks": 10, "seed": 7, "end": None} | other))

@@ -8,6 +8,7 @@ import dagster as dg
 
 from automl_assets.definitions import defs
 
+ROOT = Path(__file__).resolve().parent.parent
 CARD_ASSETS = {"taxonomy", "feature_aggregates", "labels", "cohort", "feature_matrix", "model", "calibrator", "scores"}
 
 
@@ -38,8 +39,44 @@ def test_jobs_resolve():
 
 
 def test_dg_check_defs_accepts_the_project():
-    root = Path(__file__).resolve().parent.parent
     result = subprocess.run(
-        [str(Path(sys.executable).parent / "dg"), "check", "defs"], cwd=root, capture_output=True, text=True, timeout=300
+        [str(Path(sys.executable).parent / "dg"), "check", "defs"], cwd=ROOT, capture_output=True, text=True, timeout=300
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+EMBEDDED_SPARK_SOCKETS = r"""
+import os, re
+from pathlib import Path
+from resources.engine import SparkEngineResource
+from resources.spark import spark_config
+
+spark = SparkEngineResource(spark_config=spark_config()).spark_session
+spark.range(10).count()  # the driver and block manager are up
+parent = str(os.getpid())
+jvms = [p.name for p in Path("/proc").iterdir() if p.name.isdigit() and (p / "stat").read_text().rsplit(")", 1)[1].split()[1] == parent]
+inodes = set()
+for jvm in jvms:
+    for fd in Path("/proc", jvm, "fd").iterdir():
+        match = re.fullmatch(r"socket:\[(\d+)\]", os.readlink(fd))
+        if match:
+            inodes.add(match.group(1))
+for table in ("tcp", "tcp6"):
+    for line in Path("/proc/net", table).read_text().splitlines()[1:]:
+        fields = line.split()
+        if fields[3] == "0A" and fields[9] in inodes:  # listening
+            print(table, fields[1].split(":")[0])
+spark.stop()
+"""
+LOOPBACK = {"0100007F", "00000000000000000000000001000000", "0000000000000000FFFF00000100007F"}
+
+
+def test_embedded_spark_listens_on_loopback_only():
+    """Every socket the embedded Spark JVM listens on is bound to 127.0.0.1 (the driver's RPC and block manager
+    picked a network interface's address before)."""
+    out = subprocess.run(
+        [sys.executable, "-c", EMBEDDED_SPARK_SOCKETS], cwd=ROOT, capture_output=True, text=True, timeout=300, check=True
+    ).stdout
+    listening = [line.split() for line in out.splitlines()]
+    assert len(listening) >= 2, out  # py4j's gateway, the driver, the block manager
+    assert {address for _, address in listening} <= LOOPBACK, listening

@@ -124,3 +124,21 @@ def test_two_runs_merging_one_hour_at_once_keep_each_others_events(storage, monk
     with ThreadPoolExecutor(2) as pool:
         list(pool.map(lambda listed: event_store.merge_hours(storage, [hour], listed), [manifests[:2], manifests[::2]]))
     assert sorted(storage.read_table(*layout.events_hour(hour))["insert_id"].to_pylist()) == ["a", "b", "c"]
+
+
+def test_a_store_under_a_folder_named_with_a_quote_works_on_duckdb(tmp_path):
+    import duckdb
+
+    from automl_assets.core.engines import DuckDBEngine
+    from automl_assets.core.timewin import hours_between
+    from resources.storage import LocalStorage
+
+    storage = LocalStorage(root=str(tmp_path / "it's a store"))
+    start = utc(2026, 3, 1, 5)
+    event_store.write_events(storage, events_table([{"user_id": "u1", "event_type": "view", "event_time": start.replace(minute=m)} for m in (1, 2)]))
+    engine, hours = DuckDBEngine(duckdb.connect()), hours_between(start, start.replace(hour=7))
+    engine.build_rollups(storage, hours)
+    engine.register_rollups(storage, hours)
+    assert engine.write("SELECT user_id, SUM(n) AS n FROM counts GROUP BY user_id", storage, ("out",)) == 1
+    engine.register_parquet("out", storage.path("out"))
+    assert engine.to_pandas("SELECT n FROM out")["n"].tolist() == [2]

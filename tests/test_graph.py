@@ -14,7 +14,7 @@ from automl_assets.core.synthetic import SyntheticConfig, generate_events, write
 from automl_assets.core.timewin import HOUR, WEEK, hour_key
 from automl_assets.definitions import ASSET_MODULES
 from automl_assets.partitions import prediction_hour_key
-from automl_assets.predictions import SCOPE_TAG, register_prediction
+from automl_assets.predictions import SCOPE_TAG, model_in_force, register_prediction
 from automl_assets.runs import RANGE_END_TAG, RANGE_START_TAG
 from automl_assets.scores import endpoint_name
 from resources.environments import ENGINES, resources_for_env
@@ -128,10 +128,22 @@ def test_training_matrix_has_labels_from_the_window_after_the_cutoff(graph):
 
 
 def test_rerunning_the_partition_gives_identical_output(graph):
+    """Re-running a trained partition gives the same files. Its hour is out of force while it retrains: a run that
+    stopped after `model` must not leave the new model paired with the hour's old calibrator."""
     instance, root, storage, engine = graph
     before = {name: read(storage, *parts) for name, parts in OUTPUTS.items()}
     taxonomy_before = storage.read_json(*layout.prediction_asset(SPEC.name, "taxonomy", HOUR_H, "taxonomy.json"))
-    assert materialise_prediction(instance, root, engine).success
+
+    def run(selected):
+        assets = [a for a in PREDICTION_ASSETS if (a.key.path[0] in ("calibrator", "scores")) == selected]
+        partition = prediction_hour_key(SPEC.name, HOUR_H)
+        return dg.materialize(assets, instance=instance, resources=resources(root, engine), partition_key=partition)
+
+    assert model_in_force(storage, SPEC.name, HOUR_H) == HOUR_H
+    assert run(selected=False).success  # taxonomy ... model, then the run stops
+    assert model_in_force(storage, SPEC.name, HOUR_H) is None
+    assert run(selected=True).success  # calibrator, scores
+    assert model_in_force(storage, SPEC.name, HOUR_H) == HOUR_H
     for name, parts in OUTPUTS.items():
         pd.testing.assert_frame_equal(read(storage, *parts), before[name], obj=name)
     assert storage.read_json(*layout.prediction_asset(SPEC.name, "taxonomy", HOUR_H, "taxonomy.json")) == taxonomy_before

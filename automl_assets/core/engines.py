@@ -53,6 +53,11 @@ _ROLLUP_ORDER = {
 ROLLUP_CHUNK_DAYS = 7
 
 
+def _path_literal(path) -> str:
+    """A file path as a DuckDB string literal (a store under a folder named with a quote works too)."""
+    return "'" + str(path).replace("'", "''") + "'"
+
+
 def _ordered(kind: str, sql: str) -> str:
     """The rollup query with its rows sorted by hour, then by the group keys."""
     return f"SELECT * FROM ({sql}) r ORDER BY {', '.join(('hour_idx', *_ROLLUP_ORDER[kind]))}"
@@ -242,7 +247,7 @@ class DuckDBEngine:
 
     def _view(self, view: str, paths: list[str], schema, where: str = "") -> None:
         if paths:
-            files = ", ".join("'" + p.replace("'", "''") + "'" for p in paths)
+            files = ", ".join(map(_path_literal, paths))
             source = f"SELECT * FROM read_parquet([{files}])" + (f" WHERE {where}" if where else "")
         else:
             columns = ", ".join(f"CAST(NULL AS {_DUCKDB_TYPES[f.dataType.typeName()]}) AS {f.name}" for f in schema)
@@ -276,7 +281,7 @@ class DuckDBEngine:
 
     def register_parquet(self, view: str, path: str) -> None:
         # A folder written by either engine: its part files.
-        self.con.execute(f"CREATE OR REPLACE TEMP VIEW {view} AS SELECT * FROM read_parquet('{path}/*.parquet')")
+        self.con.execute(f"CREATE OR REPLACE TEMP VIEW {view} AS SELECT * FROM read_parquet({_path_literal(f'{path}/*.parquet')})")
 
     def register_query(self, view: str, sql: str) -> None:
         self.con.execute(f"CREATE OR REPLACE TEMP VIEW {view} AS {sql}")
@@ -287,7 +292,7 @@ class DuckDBEngine:
     def write(self, sql: str, storage, parts: tuple[str, ...]) -> int:
         with storage.temp_dir() as temp:
             (temp / "out").mkdir()
-            self.con.execute(f"COPY ({sql}) TO '{temp / 'out' / 'part-0.parquet'}' (FORMAT parquet, COMPRESSION zstd)")
+            self.con.execute(f"COPY ({sql}) TO {_path_literal(temp / 'out' / 'part-0.parquet')} (FORMAT parquet, COMPRESSION zstd)")
             rows = spark_jobs.parquet_rows(temp / "out")
             storage.install(temp / "out", *parts)
         return rows
