@@ -53,14 +53,24 @@ from resources.spark import spark_config
 
 spark = SparkEngineResource(spark_config=spark_config()).spark_session
 spark.range(10).count()  # the driver and block manager are up
-parent = str(os.getpid())
-jvms = [p.name for p in Path("/proc").iterdir() if p.name.isdigit() and (p / "stat").read_text().rsplit(")", 1)[1].split()[1] == parent]
-inodes = set()
-for jvm in jvms:
-    for fd in Path("/proc", jvm, "fd").iterdir():
-        match = re.fullmatch(r"socket:\[(\d+)\]", os.readlink(fd))
-        if match:
-            inodes.add(match.group(1))
+
+
+def parent_of(process):
+    try:
+        return (process / "stat").read_text().rsplit(")", 1)[1].split()[1]
+    except OSError:  # a process of another test that ended meanwhile
+        return None
+
+
+def link(fd):
+    try:
+        return os.readlink(fd)
+    except OSError:  # closed meanwhile
+        return ""
+
+
+jvms = [p for p in Path("/proc").iterdir() if p.name.isdigit() and parent_of(p) == str(os.getpid())]
+inodes = {m.group(1) for jvm in jvms for fd in (jvm / "fd").iterdir() if (m := re.fullmatch(r"socket:\[(\d+)\]", link(fd)))}
 for table in ("tcp", "tcp6"):
     for line in Path("/proc/net", table).read_text().splitlines()[1:]:
         fields = line.split()
@@ -74,9 +84,9 @@ LOOPBACK = {"0100007F", "00000000000000000000000001000000", "0000000000000000FFF
 def test_embedded_spark_listens_on_loopback_only():
     """Every socket the embedded Spark JVM listens on is bound to 127.0.0.1 (the driver's RPC and block manager
     picked a network interface's address before)."""
-    out = subprocess.run(
-        [sys.executable, "-c", EMBEDDED_SPARK_SOCKETS], cwd=ROOT, capture_output=True, text=True, timeout=300, check=True
-    ).stdout
+    child = subprocess.run([sys.executable, "-c", EMBEDDED_SPARK_SOCKETS], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert child.returncode == 0, child.stderr[-3000:]
+    out = child.stdout
     listening = [line.split() for line in out.splitlines()]
     assert len(listening) >= 2, out  # py4j's gateway, the driver, the block manager
     assert {address for _, address in listening} <= LOOPBACK, listening
