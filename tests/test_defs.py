@@ -1,5 +1,6 @@
 """The code location loads as the webserver and `dg` load it."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -84,7 +85,9 @@ LOOPBACK = {"0100007F", "00000000000000000000000001000000", "0000000000000000FFF
 def test_embedded_spark_listens_on_loopback_only():
     """Every socket the embedded Spark JVM listens on is bound to 127.0.0.1 (the driver's RPC and block manager
     picked a network interface's address before)."""
-    child = subprocess.run([sys.executable, "-c", EMBEDDED_SPARK_SOCKETS], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    # Not in Spark Connect mode, which pyspark records in the environment once this process has a Connect session.
+    env = {key: value for key, value in os.environ.items() if key not in ("SPARK_CONNECT_MODE_ENABLED", "SPARK_REMOTE")}
+    child = subprocess.run([sys.executable, "-c", EMBEDDED_SPARK_SOCKETS], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert child.returncode == 0, child.stderr[-3000:]
     out = child.stdout
     listening = [line.split() for line in out.splitlines()]
