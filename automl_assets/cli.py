@@ -198,8 +198,8 @@ def cmd_endpoints(args) -> int:
         deployed = sagemaker.endpoint_names()
         # A prediction's name or its endpoint's (automl-purchase-7d) both name it.
         names = deployed if args.stop == ["all"] else [n if n in deployed else endpoint_name(n) for n in args.stop]
-        unknown = [given for given, name in zip(args.stop, names) if name not in deployed and given != "all"]
-        if unknown:
+        unknown = [given for given, name in zip(args.stop, names) if name not in deployed]
+        if args.stop != ["all"] and unknown:
             print(
                 f"no endpoint for {', '.join(unknown)}; deployed: {', '.join(deployed) or 'none'} (give a prediction or "
                 "an endpoint name, or `all`)",

@@ -8,6 +8,7 @@ import pytest
 
 from automl_assets.core.event_store import write_events
 from automl_assets.core.feature_sql import (
+    LONG_VALUE,
     EventProperty,
     Taxonomy,
     UserProperty,
@@ -16,7 +17,6 @@ from automl_assets.core.feature_sql import (
     label_query,
     matrix_query,
 )
-from automl_assets.core.spark_jobs import LONG_VALUE
 from automl_assets.core.timewin import epoch_hour, hours_between, partition_times
 from tests.conftest import events_table, utc
 

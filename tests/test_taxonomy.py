@@ -3,8 +3,7 @@ features, and what the report says about the rest."""
 
 import pandas as pd
 
-from automl_assets.core.feature_sql import EventProperty, UserProperty, feature_query
-from automl_assets.core.spark_jobs import LONG_VALUE
+from automl_assets.core.feature_sql import LONG_VALUE, EventProperty, UserProperty, feature_query
 from automl_assets.core.taxonomy import select_taxonomy
 
 EVENTS = pd.DataFrame({"event_type": ["purchase", "view"], "n": [500, 900], "revenue": [1200.0, 0.0]})

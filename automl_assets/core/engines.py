@@ -15,6 +15,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from automl_assets.core import event_store, layout, spark_jobs
+from automl_assets.core.feature_sql import bounded_value_sql
 from automl_assets.core.timewin import (
     DAY,
     HOUR,
@@ -29,8 +30,7 @@ _DUCKDB_TYPES = {"string": "VARCHAR", "long": "BIGINT", "double": "DOUBLE", "tim
 
 _DUCKDB_ROLLUP_SQL = {
     "counts": spark_jobs.ROLLUP_SQL["counts"],
-    "props": "SELECT user_id, event_type, e.key AS prop_key, CASE WHEN length(e.value) <= "
-    f"{spark_jobs.MAX_PROPERTY_VALUE_LENGTH} THEN e.value ELSE '{spark_jobs.LONG_VALUE}' END AS prop_value, hour_idx, "
+    "props": f"SELECT user_id, event_type, e.key AS prop_key, {bounded_value_sql('e.value')} AS prop_value, hour_idx, "
     "COUNT(*) AS n FROM (SELECT user_id, event_type, hour_idx, unnest(map_entries(event_properties)) AS e FROM {events}) p "
     "GROUP BY ALL",
     # Same tie-break as Spark: (event_time, insert_id).

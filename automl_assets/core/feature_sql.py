@@ -25,9 +25,20 @@ def sql_literal(value: str) -> str:
     return "'" + value.replace("'", "''") + "'"
 
 
+MAX_PROPERTY_VALUE_LENGTH = 100  # longer values are free text or ids: no use as categorical signal
+# The props rollup stores every longer value as this one, which no taxonomy picks: they still count as the property's
+# uses when the taxonomy asks how much of them its top values cover.
+LONG_VALUE = "~" * (MAX_PROPERTY_VALUE_LENGTH + 1)
+
+
+def bounded_value_sql(column: str) -> str:
+    """`column`, or LONG_VALUE for a value too long to be a feature (the same SQL on both engines)."""
+    return f"CASE WHEN length({column}) <= {MAX_PROPERTY_VALUE_LENGTH} THEN {column} ELSE '{LONG_VALUE}' END"
+
+
 def usable_value(value: str) -> bool:
-    """Values a taxonomy may pick: anything sql_literal accepts."""
-    return "\\" not in value and all(ord(ch) >= 32 for ch in value) and len(value) <= 100
+    """Values a taxonomy may pick: anything sql_literal accepts, no longer than MAX_PROPERTY_VALUE_LENGTH."""
+    return "\\" not in value and all(ord(ch) >= 32 for ch in value) and len(value) <= MAX_PROPERTY_VALUE_LENGTH
 
 
 def _slug(text: str) -> str:

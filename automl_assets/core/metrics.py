@@ -73,10 +73,9 @@ def reliability_table(y, p, bins: int = 10) -> pd.DataFrame:
     Equal-mass (quantile) bins rather than equal-width ones: conversion scores crowd near 0, so equal-width bins put
     almost every user in the first bin and leave the rest nearly empty and noisy. Rows are ranked by ``p`` and cut into
     ``bins`` groups whose sizes differ by at most one, unless equal predictions straddle a cut; with fewer rows than
-    bins, each row is its own bin. Equal
-    predictions share the bin of the first of them: split by position, the rows' order would decide the result (a
-    constant prediction at the observed rate would look miscalibrated when the labels come sorted). Columns: ``bin``
-    (0 = lowest predictions), ``mean_pred``, ``mean_obs``, ``count``.
+    bins, each row is its own bin. Equal predictions share the bin of the first of them: split by position, the rows'
+    order would decide the result (a constant prediction at the observed rate would look miscalibrated when the labels
+    come sorted). Columns: ``bin`` (0 = lowest predictions), ``mean_pred``, ``mean_obs``, ``count``.
     """
     y, p = _arrays(y, p)
     lowest_rank = np.searchsorted(np.sort(p), p, side="left")  # a row's rank, the same for equal predictions

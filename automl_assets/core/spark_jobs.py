@@ -9,6 +9,7 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import types as T
 
 from automl_assets.core import layout
+from automl_assets.core.feature_sql import bounded_value_sql
 from automl_assets.core.timewin import epoch_hour, hours_by_day
 
 _PROPERTIES = T.MapType(T.StringType(), T.StringType())
@@ -58,10 +59,6 @@ ROLLUPS = {
 }
 ROLLUP_ARROW = {kind: pa.schema([pa.field(f.name, _ARROW_TYPES[f.dataType.typeName()]) for f in schema]) for kind, schema in ROLLUPS.items()}
 ROLLUP_FILE = "part-0.parquet"
-MAX_PROPERTY_VALUE_LENGTH = 100  # longer values are free text or ids: no use as categorical signal
-# The props rollup stores every longer value as this one (too long to be picked): they still count as the property's
-# uses when the taxonomy asks how much of them its top values cover.
-LONG_VALUE = "~" * (MAX_PROPERTY_VALUE_LENGTH + 1)
 
 HOUR_IDX_SQL = "CAST(FLOOR(unix_micros(event_time) / 3600000000) AS BIGINT)"
 # Each rollup kind's definition over a view `{events}` of events with their hour_idx: what the hourly_rollups asset
@@ -70,8 +67,8 @@ ROLLUP_SQL = {
     "counts": "SELECT user_id, event_type, hour_idx, COUNT(*) AS n, SUM(revenue) AS revenue "
     "FROM {events} GROUP BY user_id, event_type, hour_idx",
     "props": "SELECT user_id, event_type, prop_key, prop_value, hour_idx, COUNT(*) AS n FROM (SELECT user_id, event_type, "
-    f"p.prop_key, CASE WHEN length(p.prop_value) <= {MAX_PROPERTY_VALUE_LENGTH} THEN p.prop_value ELSE '{LONG_VALUE}' END "
-    "AS prop_value, hour_idx FROM {events} LATERAL VIEW explode(event_properties) p AS prop_key, prop_value) e "
+    f"p.prop_key, {bounded_value_sql('p.prop_value')} AS prop_value, hour_idx "
+    "FROM {events} LATERAL VIEW explode(event_properties) p AS prop_key, prop_value) e "
     "GROUP BY user_id, event_type, prop_key, prop_value, hour_idx",
     # Ties at the same microsecond are broken by insert_id, so first/last values never depend on file order.
     "users": "SELECT user_id, u.prop_key, hour_idx, "
