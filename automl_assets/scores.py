@@ -19,6 +19,8 @@ from automl_assets.model import job_name
 from automl_assets.partitions import prediction_hour_partitions
 from automl_assets.predictions import (
     INFER,
+    SCOPE_FILE,
+    SCOPE_TAG,
     PredictionRun,
     calibrator_parts,
     model_in_force,
@@ -122,6 +124,12 @@ def scores(
     context: dg.AssetExecutionContext, storage: LocalStorage, engine: EngineResource, sagemaker: LocalSageMaker
 ) -> dg.MaterializeResult:
     run = prediction_run(context, storage)
+    missing = [name for name, parts in upstream_outputs(run).items() if not storage.exists(*parts)]
+    if missing:
+        raise dg.Failure(
+            f"{' and '.join(missing)} of {run.prediction} at {run.hour.isoformat()} are not materialised: select the "
+            f"whole `{PREDICTION_GROUP}` group for this partition (or launch scoring_job) instead of `scores` alone."
+        )
     trained_at = model_in_force(storage, run.prediction, run.hour)
     if trained_at is None:
         raise dg.Failure(
@@ -131,12 +139,21 @@ def scores(
     version = model_version(run.prediction, trained_at)
     stored = storage.read_json(*calibrator_parts(run.prediction, trained_at))
     scope = scoring_scope(context, run)
+    built_for = storage.read_json(*run.parts("cohort", SCOPE_FILE))["scope"]
+    if scope == "cohort" and built_for == "active":
+        raise dg.Failure(
+            f"the cohort and feature matrix of {run.prediction} at {run.hour.isoformat()} hold only the users active "
+            f"in the hour: materialise the `{PREDICTION_GROUP}` group from `cohort` with the run tag {SCOPE_TAG}=cohort."
+        )
     matrix_dir = inference_matrix_dir(context, storage, engine, run, trained_at)
     hourly_endpoint = scope == "active" and sagemaker.scores_hourly_through_endpoint(context.run.tags)
     endpoint = endpoint_name(run.prediction) if hourly_endpoint else None
     matrix = pd.read_parquet(matrix_dir, columns=None if endpoint else ["user_id", "active_last_hour"])
-    if scope == "active":  # the matrix of an hourly run holds those users only, unless it was built for another scope
+    if scope == built_for:  # the cohort's users, every one of whom must be scored
+        expected = pd.read_parquet(storage.path(*run.parts("cohort", *INFER)), columns=["user_id"])["user_id"]
+    else:  # the users active in the hour, out of a matrix built for the whole cohort
         matrix = matrix[matrix["active_last_hour"] == 1]
+        expected = matrix["user_id"]
     model_dir = storage.path(*layout.prediction_asset(run.prediction, "model", trained_at, "model"))
     raw = raw_scores(sagemaker, model_dir, matrix_dir, matrix, endpoint, job_name(run, "transform"), context.log.info)
     score = Calibrator.from_dict(stored["calibrator"]).predict(raw)
@@ -151,7 +168,12 @@ def scores(
         }
     )
     storage.write_table(pa.Table.from_pandas(result, schema=SCORE_SCHEMA, preserve_index=False), *run.parts("scores", "scores.parquet"))
-    latest_rows = merge_latest(storage, run.prediction, result)
+    complete = checks.scores_complete(expected, result)
+    if complete.passed:
+        latest_rows = merge_latest(storage, run.prediction, result)
+    else:  # the check blocks the run; the scores users read keep their previous values
+        context.log.error(f"not published to scores_latest: {complete.description}")
+        latest_rows = 0
     top = result.nlargest(10, "score")
     return dg.MaterializeResult(
         metadata={
@@ -168,5 +190,14 @@ def scores(
             "latest_table": dg.MetadataValue.path(storage.path(*layout.latest_scores(run.prediction))),
             **run.describe(),
         },
-        check_results=[checks.scores_complete(matrix["user_id"], result)],
+        check_results=[complete],
     )
+
+
+def upstream_outputs(run: PredictionRun) -> dict[str, tuple[str, ...]]:
+    """What scoring reads of its own partition, by asset."""
+    return {
+        "taxonomy": run.parts("taxonomy", TAXONOMY_FILE),
+        "cohort": run.parts("cohort", SCOPE_FILE),
+        "feature_matrix": matrix_parts(run, *INFER),
+    }

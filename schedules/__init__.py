@@ -9,6 +9,7 @@
 import hashlib
 import json
 import time
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -116,7 +117,14 @@ def ingest_scoring_requests(storage, ingest_run_id: str, last_hour: datetime, no
     events of an hour already scored score it again."""
     hour = min(last_hour, last_ended_hour(now))
     reason = f"new events (ingest run {ingest_run_id[:8]})"
-    return [prediction_request(storage, name, hour, "active", reason) for name in active_predictions(storage)]
+    return [prediction_request(storage, name, hour, rescoring_scope(storage, name, hour), reason) for name in active_predictions(storage)]
+
+
+def rescoring_scope(storage, prediction: str, hour: datetime) -> str:
+    """The users active in the hour, unless the hour was scored for the whole cohort (the daily run's hour, when
+    late events arrive after it): rescoring it keeps the whole-cohort output the drift sensor compares."""
+    parts = layout.prediction_asset(prediction, "cohort", hour, SCOPE_FILE)
+    return "cohort" if storage.exists(*parts) and storage.read_json(*parts)["scope"] == "cohort" else "active"
 
 
 @dg.schedule(
@@ -227,7 +235,9 @@ def newest_whole_cohort_hour(storage, prediction: str, after: datetime) -> datet
     model was trained on, and compared with it they would always look drifted."""
     for name in reversed(storage.list_dir(*layout.prediction_asset_root(prediction, "feature_matrix"))):
         hour = layout.folder_hour(name)
-        if hour <= after:
+        # The model's own hour counts: its training features are a horizon older (and with the default cadence the
+        # nightly retrain and the daily cohort run share 23:00).
+        if hour < after:
             return None
         scope = layout.prediction_asset(prediction, "cohort", hour, SCOPE_FILE)
         matrix = layout.prediction_asset(prediction, "feature_matrix", hour, *INFER, "matrix.parquet")
@@ -236,7 +246,15 @@ def newest_whole_cohort_hour(storage, prediction: str, after: datetime) -> datet
     return None
 
 
-def drift_report(storage, prediction: str) -> tuple[float, str] | None:
+@dataclass(frozen=True)
+class DriftReport:
+    psi: float
+    why: str
+    trained: datetime  # the model in force
+    compared: datetime  # the whole-cohort inference matrix it was compared with
+
+
+def drift_report(storage, prediction: str) -> DriftReport | None:
     """The worst PSI between the training matrix of the model in force and the newest whole-cohort inference matrix
     (features and calibrated scores), with a sentence naming where it is."""
     newest = event_store.newest_stored_hour(storage)
@@ -258,7 +276,8 @@ def drift_report(storage, prediction: str) -> tuple[float, str] | None:
         reference = storage.read_json(*layout.prediction_asset(prediction, "calibrator", trained, "calibrator.json"))["reference_quantiles"]
         shifts["score"] = quality.population_stability_index(np.asarray(reference), pd.read_parquet(storage.path(*scores_path))["score"].to_numpy())
     worst = max(shifts, key=shifts.get)
-    return shifts[worst], f"PSI {shifts[worst]:.2f} on {worst} between the training matrix of {hour_key(trained)} and the inference matrix of {hour_key(latest)}"
+    why = f"PSI {shifts[worst]:.2f} on {worst} between the training matrix of {hour_key(trained)} and the inference matrix of {hour_key(latest)}"
+    return DriftReport(shifts[worst], why, trained, latest)
 
 
 @dg.sensor(
@@ -269,6 +288,8 @@ def drift_report(storage, prediction: str) -> tuple[float, str] | None:
     f"whole-cohort inference matrix (the daily run's) exceeds {quality.PSI_RETRAIN}.",
 )
 def drift(context: dg.SensorEvaluationContext, storage: LocalStorage):
+    # Per prediction, the (model, whole-cohort matrix) pair that last asked for a retrain: a retrain that fails or
+    # is not promoted leaves the same pair, which asks again only once a new daily matrix exists, not every hour.
     requested: dict[str, str] = json.loads(context.cursor) if context.cursor else {}
     runs, notes = [], []
     newest = event_store.newest_stored_hour(storage)
@@ -276,11 +297,12 @@ def drift(context: dg.SensorEvaluationContext, storage: LocalStorage):
         report = drift_report(storage, name)
         if report is None:
             continue
-        psi, why = report
-        notes.append(f"{name}: {why}")
-        if psi > quality.PSI_RETRAIN and requested.get(name) != hour_key(newest):
-            runs.append(prediction_request(storage, name, newest, "active", f"drift: {why}", train=True))
-            requested[name] = hour_key(newest)
+        notes.append(f"{name}: {report.why}")
+        pair = f"{hour_key(report.trained)}|{hour_key(report.compared)}"
+        # A model trained at the newest hour has seen every stored event: a retrain would learn nothing newer.
+        if report.psi > quality.PSI_RETRAIN and requested.get(name) != pair and report.trained < newest:
+            runs.append(prediction_request(storage, name, newest, "active", f"drift: {report.why}", train=True))
+            requested[name] = pair
     return dg.SensorResult(
         run_requests=runs,
         cursor=json.dumps(requested, sort_keys=True),

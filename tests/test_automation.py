@@ -144,6 +144,12 @@ def test_each_ingest_scores_the_newest_hour_that_is_over(store_with_events):
     # A file reaching into 05:00, still under way at 05:20: the newest hour that is over is scored.
     (unfinished,) = ingest_scoring_requests(storage, "cccccccc-3", utc(2026, 3, 2, 5), now)
     assert unfinished.partition_key == prediction_hour_key("buy_7d", utc(2026, 3, 2, 4))
+    assert unfinished.tags[SCOPE_TAG] == "active"
+    # Late events in an hour the daily run scored for the whole cohort: it is rescored whole, not overwritten by
+    # the users active in it.
+    storage.write_json({"scope": "cohort"}, *layout.prediction_asset("buy_7d", "cohort", utc(2026, 3, 2, 4), "scope.json"))
+    (daily,) = ingest_scoring_requests(storage, "dddddddd-4", utc(2026, 3, 2, 4), now)
+    assert daily.tags[SCOPE_TAG] == "cohort"
 
 
 def test_a_spec_that_asks_another_question_does_not_keep_the_old_model(store_with_events):
@@ -195,12 +201,16 @@ def test_drift_sensor_requests_a_retrain_and_says_why(store_with_events):
     shifted = train.drop(columns="label").assign(f__view__w1=rng.poisson(9, 2000).astype(float))
     # The whole cohort as of `latest`, and after it an hourly run's matrix: only the users active in its hour.
     matrices = ((trained, "train", stacked, None), (latest, "infer", train.drop(columns="label"), "cohort"), (latest + HOUR, "infer", shifted, "active"))
-    for hour, role, frame, scope in matrices:
+
+    def write_matrix(hour, role, frame, scope):
         path = storage.base.joinpath(*layout.prediction_asset("buy_7d", "feature_matrix", hour, role, "matrix.parquet"))
         path.parent.mkdir(parents=True, exist_ok=True)
         frame.to_parquet(path)
         if scope:
             storage.write_json({"scope": scope}, *layout.prediction_asset("buy_7d", "cohort", hour, "scope.json"))
+
+    for matrix in matrices:
+        write_matrix(*matrix)
     with dg.instance_for_test() as instance:
         # Same distribution in the whole cohort; the hourly run's users are another population, never compared.
         assert not drift(sensor_context(instance, storage)).run_requests
@@ -210,3 +220,21 @@ def test_drift_sensor_requests_a_retrain_and_says_why(store_with_events):
         assert request.job_name == "prediction_job"
         assert "f__view__w1" in request.tags[REASON_TAG] and "PSI" in request.tags[REASON_TAG]
         assert not drift(sensor_context(instance, storage, result.cursor)).run_requests  # once per hour
+
+        # The retrain failed or was not promoted: the same model and matrix ask again only once a new whole-cohort
+        # matrix exists, not at every new hour.
+        later = NEWEST + 2 * HOUR
+        write_events(storage, events_table([{"user_id": "u1", "event_type": "view", "event_time": later}]))
+        assert not drift(sensor_context(instance, storage, result.cursor)).run_requests
+        write_matrix(later, "infer", shifted, "cohort")
+        again = drift(sensor_context(instance, storage, result.cursor))
+        assert [r.partition_key for r in again.run_requests] == [prediction_hour_key("buy_7d", later)]
+
+        # A model trained at the hour of the daily cohort run (the default cadence's 23:00) is compared with that
+        # run's matrix; no retrain while it is the newest hour (nothing newer to learn from), one once events follow.
+        fake_model(storage, "buy_7d", later)
+        write_matrix(later, "train", stacked, None)
+        at_model_hour = drift(sensor_context(instance, storage, again.cursor))
+        assert not at_model_hour.run_requests and "inference matrix of 2026-03-02-06:00" in at_model_hour.skip_reason.skip_message
+        write_events(storage, events_table([{"user_id": "u1", "event_type": "view", "event_time": later + HOUR}]))
+        assert drift(sensor_context(instance, storage, again.cursor)).run_requests

@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 
 from automl_assets.core import layout
+from automl_assets.core.calibration import Calibrator
 from automl_assets.core.metrics import auc
 from automl_assets.core.spec import parse_spec
 from automl_assets.core.synthetic import SyntheticConfig, generate_events, write_amplitude_export
@@ -235,3 +236,34 @@ def test_hourly_scores_through_a_warm_endpoint_equal_the_batch_transform(graph, 
     assert stopped
     assert 0 < len(warm) < len(read(storage, "cohort", "infer"))
     pd.testing.assert_frame_equal(warm, batch, rtol=1e-5)  # float32 networks on other batch shapes
+
+
+def test_scores_that_fail_their_check_are_not_published(graph, monkeypatch):
+    """A score out of (0, 1) (here NaN, as for a user missing from the transform's output) fails the blocking check,
+    and the latest-score table users read keeps every previous score."""
+    instance, root, storage, engine = graph
+    scores_asset = [a for a in PREDICTION_ASSETS if a.key.path[0] == "scores"]
+    latest_before = storage.read_table(*layout.latest_scores(SPEC.name)).to_pandas()
+    predict = Calibrator.predict
+    monkeypatch.setattr(Calibrator, "predict", lambda self, raw: np.where(np.arange(len(raw)) == 0, np.nan, predict(self, raw)))
+
+    def score(partition_hour):
+        return dg.materialize(
+            scores_asset, instance=instance, resources=resources(root, engine), raise_on_error=False,
+            partition_key=prediction_hour_key(SPEC.name, partition_hour),
+        )
+
+    failed = score(HOUR_H)
+    assert not failed.success
+    (evaluation,) = [e.event_specific_data for e in failed.all_events if e.event_type_value == "ASSET_CHECK_EVALUATION"]
+    assert not evaluation.passed and "1 scores are not strictly between 0 and 1" in evaluation.description
+    pd.testing.assert_frame_equal(storage.read_table(*layout.latest_scores(SPEC.name)).to_pandas(), latest_before)
+
+    # `scores` alone for an hour whose upstream assets never ran says what to materialise.
+    unmaterialised = score(HOUR_H - HOUR)
+    (failure,) = [e for e in unmaterialised.all_events if e.is_step_failure]
+    assert "taxonomy and cohort and feature_matrix of buy_7d at 2026-03-01T22:00:00+00:00 are not materialised" in (
+        failure.step_failure_data.user_failure_data.description
+    )
+    monkeypatch.undo()
+    assert score(HOUR_H).success  # the partition as the other tests left it
