@@ -32,6 +32,12 @@ SCORES_COMPLETE = dg.AssetCheckSpec(
     blocking=True,
     description="Every user of the scoring set scored exactly once, with a probability strictly between 0 and 1.",
 )
+LANDING_READABLE = dg.AssetCheckSpec(
+    "landing_files_readable",
+    asset="events",
+    description="Every file under landing/ can be read; one that cannot is named with what to fix, and the other "
+    "files are ingested meanwhile.",
+)
 EVENTS_FRESH = dg.AssetCheckSpec(
     "events_fresh",
     asset="events",

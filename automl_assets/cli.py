@@ -48,7 +48,7 @@ def cmd_ingest(args) -> int:
     from automl_assets.core import event_store, layout
     from automl_assets.core.ingest import ColumnMapping
     from automl_assets.core.timewin import HOUR, hour_from_token, hour_key
-    from automl_assets.partitions import FIRST_HOUR, ingestible_hours
+    from automl_assets.partitions import FIRST_HOUR, ingest_ranges, ingestible_hours
     from automl_assets.runs import run_event_store
 
     storage = _storage()
@@ -71,17 +71,19 @@ def cmd_ingest(args) -> int:
     if not hours:
         print("no valid events: nothing to materialise")
         return 1
-    runnable = ingestible_hours(hours, datetime.now(timezone.utc))
+    now = datetime.now(timezone.utc)
+    runnable, ranges = ingestible_hours(hours, now), ingest_ranges(hours, now)
     if len(runnable) < len(hours):
         print(
             f"{len(hours) - len(runnable)} hours are staged but not materialised: before the first partition "
             f"({FIRST_HOUR}) or not over yet (the hourly ingest merges those once they are)"
         )
-    if not runnable:
+    if not ranges:
         return 1
-    start, end = min(runnable), max(runnable) + HOUR
-    run_event_store(_instance(), start, end)
-    print(f"materialised events and hourly_rollups through Dagster for the {(end - start) // HOUR} hours from {hour_key(start)} to {hour_key(end - HOUR)}")
+    instance = _instance()
+    for start, end in ranges:
+        run_event_store(instance, start, end)
+        print(f"materialised events and hourly_rollups through Dagster for the {(end - start) // HOUR} hours from {hour_key(start)} to {hour_key(end - HOUR)}")
     return 0
 
 

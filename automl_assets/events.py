@@ -34,30 +34,44 @@ def freshness(storage, covered_until) -> dg.AssetCheckResult:
     )
 
 
+def readable(unreadable: list[str]) -> dg.AssetCheckResult:
+    """Files under landing/ that cannot be read are left out (the others are ingested) and fail this check until
+    they are replaced, removed, or given the mapping they lack."""
+    return dg.AssetCheckResult(
+        check_name=checks.LANDING_READABLE.name,
+        passed=not unreadable,
+        severity=dg.AssetCheckSeverity.ERROR,
+        description=" ".join(unreadable) if unreadable else "Every file under landing/ was read.",
+        metadata={"unreadable_files": len(unreadable)},
+    )
+
+
 @dg.asset(
     partitions_def=hourly_partitions,
     backfill_policy=RANGE_POLICY,
     pool=EVENT_STORE_POOL,
     group_name="event_store",
     kinds={"parquet"},
-    check_specs=[checks.EVENTS_FRESH],
+    check_specs=[checks.EVENTS_FRESH, checks.LANDING_READABLE],
     description="Canonical events of each UTC hour, deduplicated on insert_id, from the files under landing/.",
 )
 def events(context: dg.AssetExecutionContext, storage: LocalStorage) -> dg.MaterializeResult:
     start, end = hour_range(context)
+    hours = hours_between(start, end)
     staged = event_store.stage_landing(storage)
     new_files = [m for m in staged if m["newly_staged"]]
-    quarantined: dict[str, int] = {}
-    for manifest in new_files:
-        for reason, count in manifest["quarantined"].items():
-            quarantined[reason] = quarantined.get(reason, 0) + count
-    totals = event_store.merge_hours(storage, hours_between(start, end), event_store.staged_manifests(storage))
+    unreadable = [m["error"] for m in staged if "error" in m]
+    manifests = event_store.staged_manifests(storage)
+    totals = event_store.merge_hours(storage, hours, manifests)
+    quarantined = event_store.quarantined_in_hours(manifests, hours)
     if quarantined:
         context.log.warning(f"quarantined records by reason: {quarantined} (see {storage.path('quarantine')})")
+    for error in unreadable:
+        context.log.error(error)
     return dg.MaterializeResult(
-        check_results=[freshness(storage, end)],
+        check_results=[freshness(storage, end), readable(unreadable)],
         metadata={
-            "hours": dg.MetadataValue.int(len(hours_between(start, end))),
+            "hours": dg.MetadataValue.int(len(hours)),
             "hours_with_events": totals.get("hours_with_events", 0),
             "events": totals.get("events", 0),
             "new_events": totals.get("new_events", 0),
@@ -65,6 +79,7 @@ def events(context: dg.AssetExecutionContext, storage: LocalStorage) -> dg.Mater
             "files_staged_now": len(new_files),
             "quarantined": dg.MetadataValue.json(quarantined),
             "quarantined_total": sum(quarantined.values()),
+            "unreadable_files": len(unreadable),
             "path": dg.MetadataValue.path(storage.path("events")),
         }
     )

@@ -1,11 +1,11 @@
 """Partitions: events and rollups by hour; every prediction asset by prediction (dynamic) x hour."""
 
 from collections.abc import Iterable
-from datetime import datetime
+from datetime import datetime, timedelta
 
 import dagster as dg
 
-from automl_assets.core.timewin import hour_from_key, hour_key, last_ended_hour
+from automl_assets.core.timewin import hour_from_key, hour_key, hour_ranges, last_ended_hour
 
 # The first hour the store can hold. Earlier data is rejected by the hourly assets' partition range.
 FIRST_HOUR = "2025-01-01-00:00"
@@ -21,6 +21,16 @@ def ingestible_hours(hours: Iterable[datetime], now: datetime) -> set[datetime]:
     partition (epoch 0, say) would fail the whole run; one in an hour still under way is merged by that hour's
     scheduled ingest (both stay staged)."""
     return {hour for hour in hours if hour_from_key(FIRST_HOUR) <= hour <= last_ended_hour(now)}
+
+
+# Staged hours this far apart are ingested by separate runs: a run rebuilds every hour of its range, and one offline
+# event from weeks ago must not have the weeks between rolled up again.
+INGEST_RUN_GAP = timedelta(days=1)
+
+
+def ingest_ranges(hours: Iterable[datetime], now: datetime) -> list[tuple[datetime, datetime]]:
+    """The [start, end) ranges of ingest runs for new files' hours: the ingestible ones, a run per cluster."""
+    return hour_ranges(ingestible_hours(hours, now), split_at=INGEST_RUN_GAP)
 
 
 def prediction_hour_key(prediction: str, hour_start: datetime) -> dg.MultiPartitionKey:

@@ -28,7 +28,7 @@ from automl_assets.core.timewin import (
     is_cadence_hour,
     last_ended_hour,
 )
-from automl_assets.partitions import PREDICTION, ingestible_hours, prediction_hour_key
+from automl_assets.partitions import PREDICTION, ingest_ranges, prediction_hour_key
 from automl_assets.predictions import (
     INFER,
     SCOPE_FILE,
@@ -205,28 +205,37 @@ def new_raw_events(context: dg.SensorEvaluationContext, storage: LocalStorage):
     seen = set(json.loads(context.cursor)) if context.cursor else set()
     fresh = []
     for path in event_store.landing_files(storage):
-        stat = path.stat()
-        marker = f"{path}|{stat.st_size}|{stat.st_mtime_ns}"
+        try:
+            marker = event_store.landing_marker(path)
+        except FileNotFoundError:  # removed since it was listed
+            continue
         if marker not in seen:
             fresh.append((marker, path))
     if not fresh:
         return dg.SkipReason("no new files under landing/")
     deadline = time.monotonic() + STAGING_SECONDS_PER_TICK
-    batch, hours, digests = [], set(), []
+    batch, hours, digests, unreadable = [], set(), [], []
     for marker, path in fresh:
         if batch and time.monotonic() > deadline:
             break
-        manifest = event_store.stage_file(storage, path)
+        manifest = event_store.stage_landing_file(storage, path)
+        batch.append((marker, path))
+        if "error" in manifest:  # logged and skipped: the other files go on; read again once it or its mapping changes
+            context.log.error(manifest["error"])
+            unreadable.append(manifest["error"])
+            continue
+        if manifest["quarantined"]:
+            context.log.warning(f"{path}: quarantined records by reason {manifest['quarantined']}")
         hours.update(hour_from_token(token) for token in manifest["hours"])
         digests.append(manifest["digest"])
-        batch.append((marker, path))
     cursor = json.dumps(sorted(seen | {marker for marker, _ in batch}))
-    hours = ingestible_hours(hours, datetime.now(timezone.utc))
-    if not hours:
-        skip = dg.SkipReason("new files hold no valid event in an hour that is over")
+    ranges = ingest_ranges(hours, datetime.now(timezone.utc))
+    if not ranges:
+        skip = dg.SkipReason(" ".join(["new files hold no valid event in an hour that is over.", *unreadable]))
         return dg.SensorResult(skip_reason=skip, cursor=cursor)
     run_key = "landing|" + hashlib.sha256("".join(sorted(digests)).encode()).hexdigest()[:16]
-    return dg.SensorResult(run_requests=[range_request(min(hours), max(hours) + HOUR, run_key)], cursor=cursor)
+    requests = [range_request(start, end, f"{run_key}|{hour_key(start)}") for start, end in ranges]
+    return dg.SensorResult(run_requests=requests, cursor=cursor)
 
 
 def newest_whole_cohort_hour(storage, prediction: str, after: datetime) -> datetime | None:

@@ -188,6 +188,32 @@ def test_new_raw_files_trigger_one_ingest_run_over_their_hours(storage):
         assert isinstance(again, dg.SkipReason)
 
 
+def test_an_unreadable_landing_file_does_not_stop_the_others(storage):
+    """A file that cannot be read is logged and skipped, the others are ingested; it is read again once it or its
+    folder's mapping changes. One event from weeks ago gets a run of its own, not a run over the weeks between."""
+    amplitude, exports = storage.base / "landing" / "amplitude", storage.base / "landing" / "crm"
+    amplitude.mkdir(parents=True)
+    exports.mkdir()
+    (amplitude / "broken.json.gz").write_bytes(b"not gzip at all")
+    lines = [
+        {"event_type": "view", "user_id": "u1", "event_time": "2026-01-20 10:00:00", "insert_id": "old"},
+        {"event_type": "view", "user_id": "u1", "event_time": "2026-03-02 04:10:00", "insert_id": "a"},
+    ]
+    with gzip.open(amplitude / "export.json.gz", "wt") as handle:
+        handle.writelines(json.dumps(line) + "\n" for line in lines)
+    (exports / "crm.csv").write_text("uid,ts,name\nu2,2026-03-02T04:20:00Z,signup\n")
+    with dg.instance_for_test() as instance:
+        result = new_raw_events(sensor_context(instance, storage))
+        ranges = [(r.tags[RANGE_START_TAG], r.tags[RANGE_END_TAG]) for r in result.run_requests]
+        assert ranges == [("2026-01-20-10:00", "2026-01-20-10:00"), ("2026-03-02-04:00", "2026-03-02-04:00")]
+        assert len({r.run_key for r in result.run_requests}) == 2
+        assert isinstance(new_raw_events(sensor_context(instance, storage, result.cursor)), dg.SkipReason)
+        # The CSV lacked its mapping: adding it has the file read again, the unchanged broken file is not.
+        (exports / "_mapping.json").write_text(json.dumps({"user_id": "uid", "event_time": "ts", "event_type": "name"}))
+        fixed = new_raw_events(sensor_context(instance, storage, result.cursor))
+        assert [(r.tags[RANGE_START_TAG], r.tags[RANGE_END_TAG]) for r in fixed.run_requests] == [("2026-03-02-04:00", "2026-03-02-04:00")]
+
+
 def test_drift_sensor_requests_a_retrain_and_says_why(store_with_events):
     storage = store_with_events
     storage.write_bytes(parse_spec({"name": "buy_7d", "outcome": {"event": "purchase"}, "horizon": "7d"}).to_yaml().encode(), *layout.spec_file("buy_7d"))

@@ -62,6 +62,22 @@ def test_landed_file_becomes_hour_partitions_once(storage):
         assert storage.read_table(*layout.events_hour(utc(2026, 3, 1, 5))).to_pylist() == hour5
 
 
+def test_an_ingest_run_reports_what_its_files_quarantined_and_which_files_it_could_not_read(storage):
+    """Files staged before the run (by the landing sensor or `automl ingest`) still have their quarantined records
+    counted on the materialisation; an unreadable file fails a check naming it, and the other files are ingested."""
+    event_store.stage_file(storage, land(storage))
+    (storage.base / "landing" / "amplitude" / "broken_2026-03-01_5#1.json.gz").write_bytes(b"not gzip")
+    with dg.instance_for_test() as instance:
+        result = materialise_hours(storage, instance)
+    assert result.success
+    metadata = result.asset_materializations_for_node("events")[0].metadata
+    assert metadata["quarantined"].value == {"bad_event_time": 1, "missing_user_id": 1}
+    assert metadata["events"].value == 2 and metadata["unreadable_files"].value == 1
+    checks = {e.event_specific_data.check_name: e.event_specific_data for e in result.all_events if e.event_type_value == "ASSET_CHECK_EVALUATION"}
+    readable = checks["landing_files_readable"]
+    assert not readable.passed and "broken_2026-03-01_5#1.json.gz" in readable.description
+
+
 def test_an_overlapping_file_adds_only_new_events(storage):
     land(storage)
     land(storage, "later_2026-03-01_5#1.json.gz", [LINES[0], {**LINES[0], "insert_id": "z", "user_id": "u3"}])

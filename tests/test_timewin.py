@@ -9,6 +9,7 @@ from automl_assets.core.timewin import (
     from_epoch_hour,
     hour_from_key,
     hour_key,
+    hour_ranges,
     hour_token,
     hours_between,
     is_cadence_hour,
@@ -78,6 +79,19 @@ def test_keys_tokens_and_epoch_hours_agree():
 def test_hour_ranges_are_half_open():
     assert hours_between(utc(2026, 3, 1, 22), utc(2026, 3, 2, 1)) == [utc(2026, 3, 1, 22), utc(2026, 3, 1, 23), utc(2026, 3, 2, 0)]
     assert hours_between(utc(2026, 3, 2), utc(2026, 3, 2)) == []
+
+
+def test_hours_cluster_into_ranges_split_at_a_gap():
+    day = timedelta(days=1)
+    assert hour_ranges([], day) == []
+    # Unordered, repeated, and a gap of 23 hours between the end of one range and the next hour: one range.
+    hours = [utc(2026, 3, 2, 4), utc(2026, 3, 1, 5), utc(2026, 3, 2, 4), utc(2026, 3, 1, 4)]
+    assert hour_ranges(hours, day) == [(utc(2026, 3, 1, 4), utc(2026, 3, 2, 5))]
+    # A gap of exactly `split_at` after a range's end splits it.
+    assert hour_ranges([utc(2026, 3, 1, 4), utc(2026, 3, 2, 5)], day) == [
+        (utc(2026, 3, 1, 4), utc(2026, 3, 1, 5)),
+        (utc(2026, 3, 2, 5), utc(2026, 3, 2, 6)),
+    ]
 
 
 def test_cadence_grid():

@@ -19,7 +19,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from automl_assets.core import layout
-from automl_assets.core.ingest import CANONICAL_ORDER, ColumnMapping, dedupe_events, read_events
+from automl_assets.core.ingest import CANONICAL_ORDER, ColumnMapping, IngestError, dedupe_events, read_events
 from automl_assets.core.schema import EVENT_SCHEMA
 from automl_assets.core.timewin import from_epoch_hour, hour_token
 
@@ -122,8 +122,37 @@ def _in_parallel(function, items: list) -> list:
         return list(pool.map(function, items))
 
 
+def stage_landing_file(storage, path: Path) -> dict:
+    """stage_file for a file found under landing/: one that cannot be read gives a manifest with its `error` (the
+    file, the problem and what to do) instead of stopping every other file's ingestion. It is read again when the
+    file or its folder's mapping changes."""
+    try:
+        return stage_file(storage, path)
+    except (IngestError, OSError) as error:  # OSError: unreadable, or removed while it was listed
+        return {"source": str(path), "hours": [], "events": 0, "quarantined": {}, "newly_staged": False, "error": str(error)}
+
+
+def landing_marker(path: Path) -> str:
+    """What identifies a landing file's state for the landing sensor: its size and time, and its folder mapping's
+    (a mapping added to fix an unreadable file has it read again)."""
+    stat = path.stat()
+    mapping = path.parent / MAPPING_FILE
+    return f"{path}|{stat.st_size}|{stat.st_mtime_ns}" + (f"|{mapping.stat().st_mtime_ns}" if mapping.exists() else "")
+
+
 def stage_landing(storage) -> list[dict]:
-    return _in_parallel(lambda path: stage_file(storage, path), landing_files(storage))
+    return _in_parallel(lambda path: stage_landing_file(storage, path), landing_files(storage))
+
+
+def quarantined_in_hours(manifests: list[dict], hours: list[datetime]) -> dict[str, int]:
+    """Quarantined records by reason, summed over the files that have events in `hours`: what an ingest run of those
+    hours reports, whoever staged the files (the landing sensor and `automl ingest` stage them before the run)."""
+    tokens = {hour_token(hour) for hour in hours}
+    counts: Counter = Counter()
+    for manifest in manifests:
+        if tokens.intersection(manifest["hours"]):
+            counts.update(manifest["quarantined"])
+    return dict(sorted(counts.items()))
 
 
 def staged_manifests(storage) -> list[dict]:

@@ -8,6 +8,7 @@ Training may stack earlier snapshots C - k weeks (k = 1, 2, ...), each with its 
 """
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
@@ -97,6 +98,18 @@ def epoch_hour(moment: datetime) -> int:
 
 def from_epoch_hour(index: int) -> datetime:
     return _EPOCH + index * HOUR
+
+
+def hour_ranges(hours: Iterable[datetime], split_at: timedelta) -> list[tuple[datetime, datetime]]:
+    """[start, end) ranges covering the hour starts `hours`, in order; a range ends where the next hour starts
+    `split_at` or more after its end."""
+    ranges: list[tuple[datetime, datetime]] = []
+    for hour in sorted(hours):
+        if ranges and hour - ranges[-1][1] < split_at:
+            ranges[-1] = (ranges[-1][0], max(ranges[-1][1], hour + HOUR))
+        else:
+            ranges.append((hour, hour + HOUR))
+    return ranges
 
 
 def hours_between(start: datetime, end: datetime) -> list[datetime]:
