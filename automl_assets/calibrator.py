@@ -19,7 +19,8 @@ CALIBRATION_SEED = 1  # differs from the training split's seed so the halves are
 
 
 def reliability_markdown(label: np.ndarray, uncalibrated: np.ndarray, calibrated: np.ndarray) -> str:
-    """Predicted vs observed rate per score decile, before and after calibration, with bars to eyeball the gap."""
+    """Predicted vs observed rate per score decile, before and after calibration (of users the calibration was not
+    fitted on), with bars to eyeball the gap."""
     before = reliability_table(label, uncalibrated)
     after = reliability_table(label, calibrated)
     bar = lambda v: "█" * int(round(v * 40))  # noqa: E731
@@ -72,7 +73,7 @@ def calibrator(context: dg.AssetExecutionContext, storage: LocalStorage) -> dg.M
             "brier_after": after["brier"],
             "auc": before["auc"],
             "held_out_users": before["n"],
-            "reliability": dg.MetadataValue.md(reliability_markdown(label, uncalibrated, calibrated)),
+            "reliability": dg.MetadataValue.md(reliability_markdown(label, uncalibrated, crossed)),  # cross-fitted, as `after`
             **run.describe(),
         }
     )

@@ -122,10 +122,16 @@ def _registered(storage, predictions: list[str]) -> list[str]:
 def cmd_materialize(args) -> int:
     from automl_assets.core.timewin import hour_from_key
     from automl_assets.runs import run_prediction
+    from schedules import retrain_due
 
-    _registered(_storage(), [args.prediction])
-    result = run_prediction(_instance(), args.prediction, hour_from_key(args.hour), args.scope)
-    print(f"run {result.run_id} succeeded for {args.prediction} at {args.hour}")
+    storage = _storage()
+    _registered(storage, [args.prediction])
+    hour = hour_from_key(args.hour)
+    # As the automation decides: train first only when no model is in force or the cadence is due at this hour.
+    train = args.train or retrain_due(storage, args.prediction, hour)
+    result = run_prediction(_instance(), args.prediction, hour, args.scope, train=train)
+    done = "trained and scored" if train else "scored with the model in force"
+    print(f"run {result.run_id} succeeded for {args.prediction} at {args.hour}: {done}")
     return 0
 
 
@@ -156,7 +162,7 @@ def latest_scores_for(storage, user_id: str, prediction: str | None = None) -> p
         name = folder.removeprefix("prediction=")
         if prediction in (None, name) and storage.exists(*layout.latest_scores(name)):
             table = storage.read_table(*layout.latest_scores(name)).to_pandas()
-            frames.append(table[table["user_id"] == user_id])
+            frames.append(table[table["user_id"] == user_id].assign(prediction=name))  # named by its folder
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
@@ -248,10 +254,13 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--direct", action="store_true", help="write into the store instead of landing/")
     generate.set_defaults(func=cmd_generate)
 
-    materialize = commands.add_parser("materialize", help="run a prediction's chain for one hour partition")
+    materialize = commands.add_parser(
+        "materialize", help="score a prediction for one hour partition, training first when no model is in force or a retrain is due"
+    )
     materialize.add_argument("prediction")
     materialize.add_argument("hour", help="hour partition key, e.g. 2026-03-01-23:00")
     materialize.add_argument("--scope", choices=["auto", "active", "cohort"], default="auto")
+    materialize.add_argument("--train", action="store_true", help="retrain at this hour even when not due")
     materialize.set_defaults(func=cmd_materialize)
 
     backfill = commands.add_parser("backfill", help="ingest a range of hours (one run), then run each prediction's hours")

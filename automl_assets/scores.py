@@ -45,6 +45,11 @@ SCORE_SCHEMA = pa.schema(
 )
 
 
+# The latest-score table is hive-partitioned by prediction (scores_latest/prediction=NAME/): the folder names the
+# prediction, so the file does not repeat it, and any parquet reader reads the whole folder as one table.
+LATEST_SCHEMA = pa.schema([field for field in SCORE_SCHEMA if field.name != "prediction"])
+
+
 def percentiles(scores: np.ndarray, reference: list[float]) -> np.ndarray:
     """Share (0-100) of the reference population (held-out users at training time) scoring at or below each score;
     the same yardstick for hourly and daily runs, whatever subset a run scores."""
@@ -56,11 +61,11 @@ def merge_latest(storage, prediction: str, new: pd.DataFrame) -> int:
     sort (rows stay in the order they were scored): an hourly run rewrites a table of every user ever scored. Runs
     of one prediction take turns, or two at once (a manual run during the hourly one) could drop one's update."""
     parts = layout.latest_scores(prediction)
-    fresh = pa.Table.from_pandas(new.drop_duplicates("user_id", keep="last"), schema=SCORE_SCHEMA, preserve_index=False)
+    fresh = pa.Table.from_pandas(new.drop_duplicates("user_id", keep="last")[LATEST_SCHEMA.names], schema=LATEST_SCHEMA, preserve_index=False)
     with storage.exclusive(*parts):
         merged = fresh
         if storage.exists(*parts):
-            stored = storage.read_table(*parts).cast(SCORE_SCHEMA)
+            stored = storage.read_table(*parts).select(LATEST_SCHEMA.names).cast(LATEST_SCHEMA)
             rescored = pc.is_in(stored["user_id"], value_set=fresh["user_id"])
             # A re-run of an older hour must not replace a user's later score.
             overlap = stored.filter(rescored).select(["user_id", "scored_at"]).join(

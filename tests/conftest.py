@@ -2,12 +2,15 @@ import os
 from datetime import datetime, timezone
 
 import duckdb
+import numpy as np
 import pyarrow as pa
 import pytest
 
+from automl_assets.core import layout
 from automl_assets.core.engines import DuckDBEngine, SparkEngine
 
 from automl_assets.core.schema import EVENT_SCHEMA
+from automl_assets.predictions import TARGET_FILE, stored_spec, target_of
 from automl_assets.runs import load_project_env
 from resources.environments import ENGINES
 from resources.engine import SparkEngineResource
@@ -55,3 +58,10 @@ def events_table(rows: list[dict]) -> pa.Table:
         for r in rows
     ]
     return pa.Table.from_pylist(filled, schema=EVENT_SCHEMA)
+
+
+def fake_model(storage, prediction: str, hour, promoted=True):
+    """What the model and calibrator assets leave in the store, reduced to what scheduling reads."""
+    storage.write_json(target_of(stored_spec(storage, prediction)), *layout.prediction_asset(prediction, "model", hour, TARGET_FILE))
+    storage.write_json({"promoted": promoted, "normalised_log_loss": 0.8}, *layout.prediction_asset(prediction, "model", hour, "promotion.json"))
+    storage.write_json({"reference_quantiles": list(np.linspace(0.01, 0.9, 101))}, *layout.prediction_asset(prediction, "calibrator", hour, "calibrator.json"))

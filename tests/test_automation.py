@@ -14,15 +14,7 @@ from automl_assets.core.event_store import write_events
 from automl_assets.core.spec import parse_spec
 from automl_assets.core.timewin import HOUR
 from automl_assets.partitions import prediction_hour_key
-from automl_assets.predictions import (
-    SCOPE_TAG,
-    TARGET_FILE,
-    active_predictions,
-    model_in_force,
-    store_spec,
-    stored_spec,
-    target_of,
-)
+from automl_assets.predictions import SCOPE_TAG, active_predictions, model_in_force, store_spec
 from automl_assets.runs import RANGE_END_TAG, RANGE_START_TAG
 from resources.spec_folder import SpecFolder
 from schedules import (
@@ -35,7 +27,7 @@ from schedules import (
     prediction_specs,
     retrain_due,
 )
-from tests.conftest import events_table, utc
+from tests.conftest import events_table, fake_model, utc
 
 SPEC = "name: buy_7d\noutcome:\n  event: purchase\nhorizon: 7d\n"
 NEWEST = utc(2026, 3, 2, 4)
@@ -50,13 +42,6 @@ def store_with_events(storage):
 def sensor_context(instance, storage, cursor=None, folder=None):
     resources = {"storage": storage, "spec_folder": SpecFolder(path=str(folder or storage.base / "nowhere"))}
     return dg.build_sensor_context(instance=instance, cursor=cursor, resources=resources)
-
-
-def fake_model(storage, prediction: str, hour, promoted=True):
-    """What the model and calibrator assets leave in the store, reduced to what scheduling reads."""
-    storage.write_json(target_of(stored_spec(storage, prediction)), *layout.prediction_asset(prediction, "model", hour, TARGET_FILE))
-    storage.write_json({"promoted": promoted, "normalised_log_loss": 0.8}, *layout.prediction_asset(prediction, "model", hour, "promotion.json"))
-    storage.write_json({"reference_quantiles": list(np.linspace(0.01, 0.9, 101))}, *layout.prediction_asset(prediction, "calibrator", hour, "calibrator.json"))
 
 
 def test_spec_sensor_registers_trains_updates_and_retires(tmp_path, store_with_events):

@@ -5,6 +5,7 @@ import os
 import shutil
 from datetime import datetime, timezone
 from pathlib import Path
+from types import SimpleNamespace
 
 import dagster as dg
 import pyarrow as pa
@@ -14,9 +15,9 @@ import pytest
 from automl_assets.cli import main
 from automl_assets.core import layout
 from automl_assets.core.event_store import write_events
-from automl_assets.core.timewin import hours_between
+from automl_assets.core.timewin import HOUR, hours_between
 from resources.storage import LocalStorage
-from tests.conftest import events_table, utc
+from tests.conftest import events_table, fake_model, utc
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT / "predictions" / "purchase_7d.yaml"
@@ -141,6 +142,25 @@ def test_ingest_materialises_the_hours_that_are_partitions_and_over(env, tmp_pat
     with dg.DagsterInstance.get() as instance:
         assert sorted(instance.get_materialized_partitions(dg.AssetKey("events"))) == ["2026-03-01-05:00", "2026-03-01-06:00", "2026-03-01-07:00"]
     assert [path.name for path in env.base.glob("landing/*/*")] == ["export.json"]
+
+
+def test_materialize_trains_only_when_due_or_asked(env, monkeypatch, capsys):
+    """`automl materialize` scores with the model in force, as the hourly automation would; it trains first when no
+    model is in force (or the cadence is due), or with --train."""
+    import automl_assets.runs
+
+    launched = []
+    monkeypatch.setattr(
+        automl_assets.runs, "run_prediction", lambda instance, name, hour, scope, train: launched.append(train) or SimpleNamespace(run_id="r")
+    )
+    assert main(["register", str(SAMPLE)]) == 0
+    hour = utc(2026, 3, 2, 4)
+    assert main(["materialize", "purchase_7d", "2026-03-02-04:00"]) == 0  # no model yet
+    fake_model(env, "purchase_7d", hour - 3 * HOUR)
+    assert main(["materialize", "purchase_7d", "2026-03-02-04:00"]) == 0
+    assert main(["materialize", "purchase_7d", "2026-03-02-04:00", "--train"]) == 0
+    assert launched == [True, False, True]
+    assert "scored with the model in force" in capsys.readouterr().out
 
 
 def test_mistakes_get_an_error_that_says_what_to_do_before_any_run(env, tmp_path, monkeypatch, capsys):

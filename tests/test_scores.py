@@ -2,17 +2,19 @@
 
 import concurrent.futures
 
+import duckdb
 import pandas as pd
+import pyarrow.parquet as pq
 
 from automl_assets.core import layout
 from automl_assets.scores import merge_latest
 
 
-def scores_at(hour: int, users: list[str], score: float) -> pd.DataFrame:
+def scores_at(hour: int, users: list[str], score: float, prediction: str = "p") -> pd.DataFrame:
     return pd.DataFrame(
         {
             "user_id": users,
-            "prediction": "p",
+            "prediction": prediction,
             "score": score,
             "percentile": 50.0,
             "model_version": "p@v",
@@ -45,3 +47,15 @@ def test_runs_merging_at_the_same_time_keep_every_update(storage):
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
         list(pool.map(hourly_run, range(4)))
     assert len(latest(storage)) == 4 * 8
+
+
+def test_the_latest_score_folder_reads_as_one_table_with_any_parquet_reader(storage):
+    merge_latest(storage, "p", scores_at(0, ["a", "b"], 0.1))
+    merge_latest(storage, "churn_28d", scores_at(0, ["a"], 0.7, prediction="churn_28d"))
+    folder = storage.path("scores_latest")
+    expected = [("a", "churn_28d", 0.7), ("a", "p", 0.1), ("b", "p", 0.1)]
+    frame = pd.read_parquet(folder)
+    assert sorted(zip(frame["user_id"], frame["prediction"].astype(str), frame["score"])) == expected
+    assert pq.read_table(folder).num_rows == 3
+    rows = duckdb.sql(f"SELECT user_id, prediction, score FROM read_parquet('{folder}/*/*.parquet', hive_partitioning = true)").fetchall()
+    assert sorted(rows) == expected
