@@ -55,13 +55,17 @@ def skipped(spec: dg.AssetCheckSpec, reason: str) -> dg.AssetCheckResult:
 
 
 def training_eligibility(train: pd.DataFrame, history_start, needed_from) -> dg.AssetCheckResult:
-    positives = int(train["label"].sum())
-    negatives = len(train) - positives
+    # Counted in the newest snapshot: the calibrator and the promotion gate are fitted on its held-out users alone,
+    # so older stacked snapshots' positives do not make up for a newest label window without them.
+    newest = train[train["snapshot"] == 0]
+    positives = int(newest["label"].sum())
+    negatives = len(newest) - positives
     problems = []
     if positives < quality.MIN_POSITIVES or negatives < quality.MIN_NEGATIVES:
         problems.append(
-            f"the training matrix has {positives} positives and {negatives} negatives; at least "
-            f"{quality.MIN_POSITIVES} of each are needed (widen the cohort or the horizon, or wait for more data)"
+            f"the newest training snapshot ({len(newest)} users, the label window calibration and the promotion gate "
+            f"use) has {positives} positives and {negatives} negatives; at least {quality.MIN_POSITIVES} of each are "
+            "needed (widen the cohort or the horizon, or wait for more data)"
         )
     if history_start is None or history_start > needed_from:
         problems.append(
@@ -73,7 +77,7 @@ def training_eligibility(train: pd.DataFrame, history_start, needed_from) -> dg.
         passed=not problems,
         severity=dg.AssetCheckSeverity.ERROR,
         description=sentence(problems) if problems else "Enough positives, negatives and history to train.",
-        metadata={"positives": positives, "negatives": negatives},
+        metadata={"newest_snapshot_positives": positives, "newest_snapshot_negatives": negatives, "training_rows": len(train)},
     )
 
 

@@ -108,16 +108,36 @@ def score_after_ingest(context: dg.RunStatusSensorContext, storage: LocalStorage
     end_key = tags.get(RANGE_END_TAG) or tags.get("dagster/partition")
     if not end_key:
         return dg.SkipReason("the ingest run has no hour range tags")
-    return ingest_scoring_requests(storage, context.dagster_run.run_id, hour_from_key(end_key), datetime.now(timezone.utc))
+    now = datetime.now(timezone.utc)
+    return ingest_scoring_requests(storage, context.dagster_run.run_id, hour_from_key(end_key), now, context.instance)
 
 
-def ingest_scoring_requests(storage, ingest_run_id: str, last_hour: datetime, now: datetime) -> list[dg.RunRequest]:
+# Runs that have not finished: a training of the partition among them is the one an ingest would otherwise repeat.
+UNFINISHED = [dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED, dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.STARTED]
+
+
+def training_under_way(instance: dg.DagsterInstance, prediction: str, hour: datetime) -> bool:
+    """Whether a prediction_job of (hour, prediction) is queued or running (two ingests of one hour, say the landing
+    sensor's and the schedule's, each find the retrain due before either has trained)."""
+    partition = str(prediction_hour_key(prediction, hour))
+    runs = dg.RunsFilter(job_name=prediction_job.name, statuses=UNFINISHED, tags={"dagster/partition": partition})
+    return bool(instance.get_run_ids(filters=runs, limit=1))
+
+
+def ingest_scoring_requests(
+    storage, ingest_run_id: str, last_hour: datetime, now: datetime, instance: dg.DagsterInstance
+) -> list[dg.RunRequest]:
     """The runs an ingest that ended at `last_hour` asks for: every prediction's newest hour, but never one still
     under way (a file can reach into it: it is scored once it is over). Each ingest gets its own run key, so late
-    events of an hour already scored score it again."""
+    events of an hour already scored score it again: a scoring run when a training of the hour is already queued or
+    running (the run queue lets one run of a partition in at a time, so it scores with that training's model)."""
     hour = min(last_hour, last_ended_hour(now))
     reason = f"new events (ingest run {ingest_run_id[:8]})"
-    return [prediction_request(storage, name, hour, rescoring_scope(storage, name, hour), reason) for name in active_predictions(storage)]
+    requests = []
+    for name in active_predictions(storage):
+        train = retrain_due(storage, name, hour) and not training_under_way(instance, name, hour)
+        requests.append(prediction_request(storage, name, hour, rescoring_scope(storage, name, hour), reason, train=train))
+    return requests
 
 
 def rescoring_scope(storage, prediction: str, hour: datetime) -> str:
@@ -171,9 +191,15 @@ def prediction_specs(context: dg.SensorEvaluationContext, storage: LocalStorage,
         except SpecError as error:
             notes.append(str(error))
             continue
+        spec_parts = layout.spec_file(spec.name)
+        unchanged = storage.exists(*spec_parts) and storage.read_bytes(*spec_parts) == spec.to_yaml().encode()
         store_spec(storage, spec)
         if not context.instance.has_dynamic_partition(PREDICTION, spec.name):
             partitions.append(spec.name)
+        if unchanged and newest is not None and model_in_force(storage, spec.name, newest) is not None:
+            # Registered as it is already (`automl register`, the demo) and trained: a first sight is no reason to train.
+            notes.append(f"{spec.name} is registered as it is and has a model in force: nothing to train")
+            continue
         if newest is None:
             notes.append(f"registered {spec.name}; the event store is empty, so training waits for events")
             continue

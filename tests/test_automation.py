@@ -2,6 +2,7 @@
 
 import gzip
 import json
+import uuid
 from datetime import timedelta
 
 import dagster as dg
@@ -75,6 +76,22 @@ def test_spec_sensor_registers_trains_updates_and_retires(tmp_path, store_with_e
         assert instance.has_dynamic_partition("prediction", "buy_7d")  # history stays
 
 
+def test_spec_sensor_does_not_retrain_a_spec_registered_as_it_is_with_a_model(tmp_path, store_with_events):
+    """The demo (or `automl register`) registered and trained the spec; the sensor's first look at the same file,
+    when the UI starts, registers its partitions and trains nothing. Without a model it trains."""
+    storage = store_with_events
+    folder = tmp_path / "specs"
+    folder.mkdir()
+    (folder / "buy_7d.yaml").write_text(SPEC)
+    store_spec(storage, parse_spec({"name": "buy_7d", "outcome": {"event": "purchase"}, "horizon": "7d"}))
+    with dg.instance_for_test() as instance:
+        assert len(prediction_specs(sensor_context(instance, storage, folder=folder)).run_requests) == 1
+        fake_model(storage, "buy_7d", NEWEST - HOUR)
+        seen = prediction_specs(sensor_context(instance, storage, folder=folder))
+        assert not seen.run_requests and seen.dynamic_partitions_requests[0].partition_keys == ["buy_7d"]
+        assert "registered as it is and has a model in force" in seen.skip_reason.skip_message
+
+
 def test_spec_sensor_reports_an_invalid_spec_and_registers_nothing(tmp_path, store_with_events):
     folder = tmp_path / "specs"
     folder.mkdir()
@@ -121,20 +138,35 @@ def test_each_ingest_scores_the_newest_hour_that_is_over(store_with_events):
     store_spec(storage, parse_spec({"name": "buy_7d", "outcome": {"event": "purchase"}, "horizon": "7d"}))
     fake_model(storage, "buy_7d", utc(2026, 3, 2, 3))
     now = utc(2026, 3, 2, 5) + timedelta(minutes=20)
-    first = ingest_scoring_requests(storage, "aaaaaaaa-1", utc(2026, 3, 2, 4), now)
-    late = ingest_scoring_requests(storage, "bbbbbbbb-2", utc(2026, 3, 2, 4), now)
-    assert [r.partition_key for r in first + late] == [prediction_hour_key("buy_7d", utc(2026, 3, 2, 4))] * 2
-    assert first[0].run_key != late[0].run_key  # late events of an hour already scored score it again
-    assert first[0].job_name == "scoring_job"
-    # A file reaching into 05:00, still under way at 05:20: the newest hour that is over is scored.
-    (unfinished,) = ingest_scoring_requests(storage, "cccccccc-3", utc(2026, 3, 2, 5), now)
-    assert unfinished.partition_key == prediction_hour_key("buy_7d", utc(2026, 3, 2, 4))
-    assert unfinished.tags[SCOPE_TAG] == "active"
-    # Late events in an hour the daily run scored for the whole cohort: it is rescored whole, not overwritten by
-    # the users active in it.
-    storage.write_json({"scope": "cohort"}, *layout.prediction_asset("buy_7d", "cohort", utc(2026, 3, 2, 4), "scope.json"))
-    (daily,) = ingest_scoring_requests(storage, "dddddddd-4", utc(2026, 3, 2, 4), now)
-    assert daily.tags[SCOPE_TAG] == "cohort"
+    with dg.instance_for_test() as instance:
+        first = ingest_scoring_requests(storage, "aaaaaaaa-1", utc(2026, 3, 2, 4), now, instance)
+        late = ingest_scoring_requests(storage, "bbbbbbbb-2", utc(2026, 3, 2, 4), now, instance)
+        assert [r.partition_key for r in first + late] == [prediction_hour_key("buy_7d", utc(2026, 3, 2, 4))] * 2
+        assert first[0].run_key != late[0].run_key  # late events of an hour already scored score it again
+        assert first[0].job_name == "scoring_job"
+        # A file reaching into 05:00, still under way at 05:20: the newest hour that is over is scored.
+        (unfinished,) = ingest_scoring_requests(storage, "cccccccc-3", utc(2026, 3, 2, 5), now, instance)
+        assert unfinished.partition_key == prediction_hour_key("buy_7d", utc(2026, 3, 2, 4))
+        assert unfinished.tags[SCOPE_TAG] == "active"
+        # Late events in an hour the daily run scored for the whole cohort: it is rescored whole, not overwritten by
+        # the users active in it.
+        storage.write_json({"scope": "cohort"}, *layout.prediction_asset("buy_7d", "cohort", utc(2026, 3, 2, 4), "scope.json"))
+        (daily,) = ingest_scoring_requests(storage, "dddddddd-4", utc(2026, 3, 2, 4), now, instance)
+        assert daily.tags[SCOPE_TAG] == "cohort"
+
+        # 23:00, when the daily retrain is due: the first ingest trains; a second ingest of the hour while that
+        # training is queued or running scores (after it, one run of a partition at a time), it does not train again.
+        midnight = utc(2026, 3, 3)
+        (trains,) = ingest_scoring_requests(storage, "eeeeeeee-5", midnight - HOUR, midnight, instance)
+        assert trains.job_name == "prediction_job"
+        partition = str(prediction_hour_key("buy_7d", midnight - HOUR))
+        running = dg.DagsterRun(job_name="prediction_job", run_id=str(uuid.uuid4()), status=dg.DagsterRunStatus.STARTED, tags={"dagster/partition": partition})
+        instance.add_run(running)
+        (second,) = ingest_scoring_requests(storage, "ffffffff-6", midnight - HOUR, midnight, instance)
+        assert second.job_name == "scoring_job"
+        instance.report_run_failed(running)  # it failed: the next ingest trains again
+        (retry,) = ingest_scoring_requests(storage, "gggggggg-7", midnight - HOUR, midnight, instance)
+        assert retry.job_name == "prediction_job"
 
 
 def test_a_spec_that_asks_another_question_does_not_keep_the_old_model(store_with_events):

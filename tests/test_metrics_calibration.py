@@ -171,6 +171,26 @@ def test_well_supported_steps_follow_isotonic():
     np.testing.assert_allclose(calibrator.predict(middle)[trusted], calibrator.isotonic(middle)[trusted], atol=1e-3)
 
 
+def test_many_users_tied_at_an_end_score_get_their_measured_rate():
+    """60% of users share the lowest raw score (no activity: one feature vector) and buy at 1%: their isotonic step
+    is measured on thousands of them, so they get that rate, not the Platt curve's extrapolation (1.4% here). A lone
+    user at an end still hands over to Platt."""
+    rng = np.random.default_rng(0)
+
+    def sample(n):
+        inactive = rng.random(n) < 0.6
+        raw = np.where(inactive, 0.30, rng.uniform(0.31, 0.95, n))
+        rate = np.where(inactive, 0.01, 0.05 + 0.5 * (raw - 0.31))
+        return raw, (rng.random(n) < rate).astype(int), inactive
+
+    raw, label, inactive = sample(20000)
+    calibrator = fit_calibrator(raw, label)
+    assert calibrator.support_weight(0.30) == 1.0
+    fresh_raw, fresh_label, fresh_inactive = sample(200000)
+    assert calibrator.predict(np.array([0.30]))[0] == pytest.approx(fresh_label[fresh_inactive].mean(), abs=0.001)
+    assert calibrator.support_weight(raw.max()) < 0.1  # one user at the top end
+
+
 def test_calibration_keeps_the_models_ranking():
     raw, label = miscalibrated(5000, seed=8)
     calibrator = fit_calibrator(raw, label)

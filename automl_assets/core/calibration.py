@@ -48,7 +48,7 @@ def _logit(raw: np.ndarray) -> np.ndarray:
 class Calibrator:
     iso_x: list[float]  # isotonic thresholds in raw-score units, increasing; first and last = the fitted range
     iso_y: list[float]  # isotonic value at each threshold
-    iso_support: list[int]  # local support at each threshold (see fit_calibrator); 0 at both ends
+    iso_support: list[int]  # local support at each threshold (see fit_calibrator); at the ends, the points tied there
     platt_a: float  # Platt: p = sigmoid(a * logit(raw) + b), a >= 0
     platt_b: float
     min_support: int  # points a step needs for the isotonic value to be trusted fully
@@ -78,7 +78,8 @@ class Calibrator:
 
     def support_weight(self, raw) -> np.ndarray:
         """Weight of the isotonic map: local support / min_support, capped at 1. The support is interpolated between
-        thresholds and is 0 at the range's ends, so the weight falls to 0 there and stays 0 outside the range."""
+        thresholds and at the range's ends is the points tied there (usually one), so the weight falls to about 0
+        there unless many users share the end score; outside the range it is the end's."""
         return np.minimum(np.interp(raw, self.iso_x, self.iso_support) / self.min_support, 1.0)
 
     def _curve(self) -> tuple[np.ndarray, np.ndarray]:
@@ -131,16 +132,16 @@ def fit_calibrator(raw: np.ndarray, label: np.ndarray, min_support: int = 50) ->
     iso = IsotonicRegression(out_of_bounds="clip", y_min=0.0, y_max=1.0).fit(raw, label)
     x, y = iso.X_thresholds_, iso.y_thresholds_
     # Local support at a threshold: the fit points in its isotonic step (a run of thresholds with one value), but no
-    # more than lie strictly below it or strictly above it. The second part is 0 at the range's ends: there the end
-    # steps are biased towards 0 and 1 and only one side holds data, so the blend hands over to Platt and meets the
-    # Platt tails without a jump.
+    # more than lie at or below it, or at or above it. At the range's ends the second part is the points tied there,
+    # usually one: there the end steps are biased towards 0 and 1 and only one side holds data, so the blend hands
+    # over to Platt and meets the Platt tails without a jump. Many users tied at an end (inactive users sharing one
+    # feature vector, a tree's lowest leaf) are support of their own: their step's rate is measured, not extrapolated.
     sorted_raw = np.sort(raw)
-    below = np.searchsorted(sorted_raw, x, side="left")
-    above = raw.size - np.searchsorted(sorted_raw, x, side="right")
+    below, at_or_below = np.searchsorted(sorted_raw, x, side="left"), np.searchsorted(sorted_raw, x, side="right")
     starts_step = np.r_[True, y[1:] != y[:-1]]
     ends_step = np.r_[starts_step[1:], True]
-    step_support = (raw.size - above[ends_step]) - below[starts_step]
-    support = np.minimum(step_support[np.cumsum(starts_step) - 1], np.minimum(below, above))
+    step_support = at_or_below[ends_step] - below[starts_step]
+    support = np.minimum(step_support[np.cumsum(starts_step) - 1], np.minimum(at_or_below, raw.size - below))
 
     platt = LogisticRegression(C=1e4).fit(_logit(raw).reshape(-1, 1), label)
     a, b = float(platt.coef_[0, 0]), float(platt.intercept_[0])
