@@ -95,15 +95,22 @@ def hourly_ingest(context: dg.ScheduleEvaluationContext) -> dg.RunRequest:
     return range_request(hour, hour + HOUR, run_key=f"hourly|{hour_key(hour)}")
 
 
+def ingested_events(run: dg.DagsterRun) -> bool:
+    """An ingest: an event_store_job run, or a run of the asset graph that materialised `events` (the UI's
+    Materialize and backfills of the event store run as Dagster's asset job)."""
+    return run.job_name == event_store_job.name or dg.AssetKey("events") in (run.asset_selection or ())
+
+
 @dg.run_status_sensor(
     run_status=dg.DagsterRunStatus.SUCCESS,
-    monitored_jobs=[event_store_job],
     request_jobs=[prediction_job, scoring_job],
     default_status=SENSOR_RUNNING,
-    description="After new events are in: score every prediction's newest hour (users active in it), retraining "
-    "first when its cadence is due.",
+    description="After new events are in (any successful run that materialised `events`): score every prediction's "
+    "newest hour (users active in it), retraining first when its cadence is due.",
 )
 def score_after_ingest(context: dg.RunStatusSensorContext, storage: LocalStorage):
+    if not ingested_events(context.dagster_run):
+        return dg.SkipReason(f"run {context.dagster_run.run_id[:8]} ingested no events")
     tags = context.dagster_run.tags
     end_key = tags.get(RANGE_END_TAG) or tags.get("dagster/partition")
     if not end_key:
@@ -128,13 +135,17 @@ def ingest_scoring_requests(
     storage, ingest_run_id: str, last_hour: datetime, now: datetime, instance: dg.DagsterInstance
 ) -> list[dg.RunRequest]:
     """The runs an ingest that ended at `last_hour` asks for: every prediction's newest hour, but never one still
-    under way (a file can reach into it: it is scored once it is over). Each ingest gets its own run key, so late
-    events of an hour already scored score it again: a scoring run when a training of the hour is already queued or
-    running (the run queue lets one run of a partition in at a time, so it scores with that training's model)."""
+    under way (a file can reach into it: it is scored once it is over), nor one before the prediction's first model
+    when a later model exists. Each ingest gets its own run key, so late events of an hour already scored score it
+    again: a scoring run when a training of the hour is already queued or running (the run queue lets one run of a
+    partition in at a time, so it scores with that training's model)."""
     hour = min(last_hour, last_ended_hour(now))
     reason = f"new events (ingest run {ingest_run_id[:8]})"
+    newest = event_store.newest_stored_hour(storage)
     requests = []
     for name in active_predictions(storage):
+        if model_in_force(storage, name, hour) is None and model_in_force(storage, name, newest) is not None:
+            continue  # old data (a re-export of a past month): no model scores that hour, and training for it is not due
         train = retrain_due(storage, name, hour) and not training_under_way(instance, name, hour)
         requests.append(prediction_request(storage, name, hour, rescoring_scope(storage, name, hour), reason, train=train))
     return requests

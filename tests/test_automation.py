@@ -24,6 +24,7 @@ from schedules import (
     drift,
     hourly_ingest,
     ingest_scoring_requests,
+    ingested_events,
     new_raw_events,
     prediction_specs,
     retrain_due,
@@ -167,6 +168,20 @@ def test_each_ingest_scores_the_newest_hour_that_is_over(store_with_events):
         instance.report_run_failed(running)  # it failed: the next ingest trains again
         (retry,) = ingest_scoring_requests(storage, "gggggggg-7", midnight - HOUR, midnight, instance)
         assert retry.job_name == "prediction_job"
+
+        # A re-export of last month: no model was in force then and a later one is, so nothing is scored or trained.
+        assert ingest_scoring_requests(storage, "hhhhhhhh-8", utc(2026, 2, 2, 14), now, instance) == []
+
+
+def test_ingests_from_the_asset_graph_are_scored_too():
+    """The UI's Materialize and backfills of `events` run as Dagster's asset job; scoring runs are not ingests."""
+    def run(job_name, selection=None):
+        return dg.DagsterRun(job_name=job_name, run_id=str(uuid.uuid4()), asset_selection=selection)
+
+    assert ingested_events(run("event_store_job"))
+    assert ingested_events(run("__ASSET_JOB", frozenset({dg.AssetKey("events"), dg.AssetKey("hourly_rollups")})))
+    assert not ingested_events(run("__ASSET_JOB", frozenset({dg.AssetKey("scores")})))
+    assert not ingested_events(run("scoring_job"))
 
 
 def test_a_spec_that_asks_another_question_does_not_keep_the_old_model(store_with_events):
