@@ -78,6 +78,22 @@ def test_an_ingest_run_reports_what_its_files_quarantined_and_which_files_it_cou
     assert not readable.passed and "broken_2026-03-01_5#1.json.gz" in readable.description
 
 
+def test_a_landing_file_staged_before_is_not_read_again_until_it_changes(storage, monkeypatch):
+    """Every ingest run looks at every file kept under landing/: one staged before and unchanged (size and time) is
+    not hashed again; once rewritten it is."""
+    source = land(storage)
+    first = event_store.stage_landing_file(storage, source)
+    assert first["newly_staged"]
+    hashed = []
+    digest = event_store.file_digest
+    monkeypatch.setattr(event_store, "file_digest", lambda path: hashed.append(path) or digest(path))
+    assert event_store.stage_landing(storage) == [{**first, "newly_staged": False}]
+    assert hashed == []
+    land(storage, lines=LINES[:1])  # rewritten: other bytes
+    (again,) = event_store.stage_landing(storage)
+    assert hashed == [source] and again["newly_staged"] and again["digest"] != first["digest"]
+
+
 def test_an_overlapping_file_adds_only_new_events(storage):
     land(storage)
     land(storage, "later_2026-03-01_5#1.json.gz", [LINES[0], {**LINES[0], "insert_id": "z", "user_id": "u3"}])

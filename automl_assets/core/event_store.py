@@ -122,22 +122,30 @@ def _in_parallel(function, items: list) -> list:
         return list(pool.map(function, items))
 
 
-def stage_landing_file(storage, path: Path) -> dict:
-    """stage_file for a file found under landing/: one that cannot be read gives a manifest with its `error` (the
-    file, the problem and what to do) instead of stopping every other file's ingestion. It is read again when the
-    file or its folder's mapping changes."""
-    try:
-        return stage_file(storage, path)
-    except (IngestError, OSError) as error:  # OSError: unreadable, or removed while it was listed
-        return {"source": str(path), "hours": [], "events": 0, "quarantined": {}, "newly_staged": False, "error": str(error)}
-
-
 def landing_marker(path: Path) -> str:
     """What identifies a landing file's state for the landing sensor: its size and time, and its folder mapping's
     (a mapping added to fix an unreadable file has it read again)."""
     stat = path.stat()
     mapping = path.parent / MAPPING_FILE
     return f"{path}|{stat.st_size}|{stat.st_mtime_ns}" + (f"|{mapping.stat().st_mtime_ns}" if mapping.exists() else "")
+
+
+def stage_landing_file(storage, path: Path) -> dict:
+    """stage_file for a file found under landing/: one that cannot be read gives a manifest with its `error` (the
+    file, the problem and what to do) instead of stopping every other file's ingestion. It is read again when the
+    file or its folder's mapping changes. A file staged before, unchanged since (size and time), is not read at all:
+    every ingest run looks at every file kept under landing/, and hashing them all would grow with the history."""
+    index = layout.landing_index(hashlib.sha256(str(path).encode()).hexdigest()[:20])
+    try:
+        marker = landing_marker(path)
+        known = storage.read_json(*index) if storage.exists(*index) else None
+        if known and known["marker"] == marker and storage.exists(*layout.staging(known["digest"]), "manifest.json"):
+            return dict(storage.read_json(*layout.staging(known["digest"]), "manifest.json"), newly_staged=False)
+        manifest = stage_file(storage, path)
+    except (IngestError, OSError) as error:  # OSError: unreadable, or removed while it was listed
+        return {"source": str(path), "hours": [], "events": 0, "quarantined": {}, "newly_staged": False, "error": str(error)}
+    storage.write_json({"marker": marker, "digest": manifest["digest"]}, *index)
+    return manifest
 
 
 def stage_landing(storage) -> list[dict]:

@@ -34,6 +34,11 @@ def staged_hour(file_digest: str, hour_start: datetime) -> tuple[str, ...]:
     return (*staging(file_digest), f"{hour_folder(hour_start)}.parquet")
 
 
+def landing_index(path_key: str) -> tuple[str, ...]:
+    """What was staged from one landing file (`path_key`: a digest of its path), and as of which size and time."""
+    return ("staging_index", f"{path_key}.json")
+
+
 def quarantine(file_digest: str) -> tuple[str, ...]:
     return ("quarantine", f"{file_digest}.parquet")
 
