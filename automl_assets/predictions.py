@@ -93,6 +93,13 @@ TARGET_FILE = "target.json"  # beside a model: target_of the spec it was trained
 SCOPE_FILE = "scope.json"  # beside the cohort: whom the inference rows of the hour hold (active or whole cohort)
 
 
+def recorded_scope(storage, prediction: str, hour: datetime) -> str | None:
+    """Whom the cohort of (hour, prediction) holds, as its asset recorded it ("active" or "cohort"); None before it
+    has run."""
+    parts = layout.prediction_asset(prediction, "cohort", hour, SCOPE_FILE)
+    return storage.read_json(*parts)["scope"] if storage.exists(*parts) else None
+
+
 def snapshot_role(snapshot: TrainingSnapshot) -> tuple[str, ...]:
     return ("train", f"weeks_back={snapshot.weeks_back}")
 

@@ -26,6 +26,7 @@ from automl_assets.predictions import (
     model_in_force,
     model_version,
     prediction_run,
+    recorded_scope,
     scoring_scope,
 )
 from automl_assets.taxonomy import PREDICTION_GROUP, TAXONOMY_FILE
@@ -144,7 +145,7 @@ def scores(
     version = model_version(run.prediction, trained_at)
     stored = storage.read_json(*calibrator_parts(run.prediction, trained_at))
     scope = scoring_scope(context, run)
-    built_for = storage.read_json(*run.parts("cohort", SCOPE_FILE))["scope"]
+    built_for = recorded_scope(storage, run.prediction, run.hour)
     if scope == "cohort" and built_for == "active":
         raise dg.Failure(
             f"the cohort and feature matrix of {run.prediction} at {run.hour.isoformat()} hold only the users active "

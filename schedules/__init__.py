@@ -31,10 +31,10 @@ from automl_assets.core.timewin import (
 from automl_assets.partitions import PREDICTION, ingest_ranges, prediction_hour_key
 from automl_assets.predictions import (
     INFER,
-    SCOPE_FILE,
     SCOPE_TAG,
     active_predictions,
     model_in_force,
+    recorded_scope,
     retire_prediction,
     store_spec,
     stored_spec,
@@ -154,8 +154,7 @@ def ingest_scoring_requests(
 def rescoring_scope(storage, prediction: str, hour: datetime) -> str:
     """The users active in the hour, unless the hour was scored for the whole cohort (the daily run's hour, when
     late events arrive after it): rescoring it keeps the whole-cohort output the drift sensor compares."""
-    parts = layout.prediction_asset(prediction, "cohort", hour, SCOPE_FILE)
-    return "cohort" if storage.exists(*parts) and storage.read_json(*parts)["scope"] == "cohort" else "active"
+    return "cohort" if recorded_scope(storage, prediction, hour) == "cohort" else "active"
 
 
 @dg.schedule(
@@ -285,9 +284,8 @@ def newest_whole_cohort_hour(storage, prediction: str, after: datetime) -> datet
         # nightly retrain and the daily cohort run share 23:00).
         if hour < after:
             return None
-        scope = layout.prediction_asset(prediction, "cohort", hour, SCOPE_FILE)
         matrix = layout.prediction_asset(prediction, "feature_matrix", hour, *INFER, "matrix.parquet")
-        if storage.exists(*scope) and storage.read_json(*scope)["scope"] == "cohort" and storage.exists(*matrix):
+        if recorded_scope(storage, prediction, hour) == "cohort" and storage.exists(*matrix):
             return hour
     return None
 

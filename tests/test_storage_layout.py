@@ -18,6 +18,7 @@ def test_exact_paths(storage):
         root / "rollups_daily/props/day=2026-03-01/part-0.parquet"
     )
     assert storage.path(*layout.staged_hour("abc", HOUR)) == str(root / "staging/abc/hour=2026-03-01T05.parquet")
+    assert storage.path(*layout.staged_manifest("abc")) == str(root / "staging/abc/manifest.json")
     assert storage.path(*layout.landing_index("abc")) == str(root / "staging_index/abc.json")
     assert layout.hour_folder(HOUR) == "hour=2026-03-01T05" and layout.folder_hour("hour=2026-03-01T05") == HOUR
     assert storage.path(*layout.hourly_rollups_root()) == str(root / "rollups")

@@ -83,11 +83,13 @@ def _mapping_for(path: Path) -> ColumnMapping | None:
     return ColumnMapping.from_dict(json.loads(mapping_file.read_text())) if mapping_file.exists() else None
 
 
-def stage_file(storage, path: Path, fmt: str | None = None, mapping: ColumnMapping | None = None) -> dict:
+def stage_file(
+    storage, path: Path, fmt: str | None = None, mapping: ColumnMapping | None = None, digest: str | None = None
+) -> dict:
     """Parse one raw file into staged hour chunks and its quarantine; returns its manifest. A file already staged
-    (same bytes) is not parsed again."""
-    digest = file_digest(path)
-    manifest_parts = (*layout.staging(digest), "manifest.json")
+    (same bytes) is not parsed again. `digest`, when the caller knows the file's, saves hashing it."""
+    digest = digest or file_digest(path)
+    manifest_parts = layout.staged_manifest(digest)
     if storage.exists(*manifest_parts):
         return dict(storage.read_json(*manifest_parts), newly_staged=False)
     result = read_events(path, fmt, mapping or _mapping_for(path))
@@ -139,12 +141,12 @@ def stage_landing_file(storage, path: Path) -> dict:
     try:
         marker = landing_marker(path)
         known = storage.read_json(*index) if storage.exists(*index) else None
-        if known and known["marker"] == marker and storage.exists(*layout.staging(known["digest"]), "manifest.json"):
-            return dict(storage.read_json(*layout.staging(known["digest"]), "manifest.json"), newly_staged=False)
-        manifest = stage_file(storage, path)
+        known_digest = known["digest"] if known and known["marker"] == marker else None
+        manifest = stage_file(storage, path, digest=known_digest)
     except (IngestError, OSError) as error:  # OSError: unreadable, or removed while it was listed
         return {"source": str(path), "hours": [], "events": 0, "quarantined": {}, "newly_staged": False, "error": str(error)}
-    storage.write_json({"marker": marker, "digest": manifest["digest"]}, *index)
+    if known_digest is None:
+        storage.write_json({"marker": marker, "digest": manifest["digest"]}, *index)
     return manifest
 
 
@@ -166,7 +168,7 @@ def quarantined_in_hours(manifests: list[dict], hours: list[datetime]) -> dict[s
 def staged_manifests(storage) -> list[dict]:
     manifests = []
     for digest in storage.list_dir("staging"):
-        parts = (*layout.staging(digest), "manifest.json")
+        parts = layout.staged_manifest(digest)
         if storage.exists(*parts):
             manifests.append(storage.read_json(*parts))
     return manifests

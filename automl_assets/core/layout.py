@@ -30,6 +30,11 @@ def staging(file_digest: str) -> tuple[str, ...]:
     return ("staging", file_digest)
 
 
+def staged_manifest(file_digest: str) -> tuple[str, ...]:
+    """Written last when a file is staged: its presence means the file's chunks are complete."""
+    return (*staging(file_digest), "manifest.json")
+
+
 def staged_hour(file_digest: str, hour_start: datetime) -> tuple[str, ...]:
     return (*staging(file_digest), f"{hour_folder(hour_start)}.parquet")
 
