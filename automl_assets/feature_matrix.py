@@ -8,9 +8,10 @@ import pandas as pd
 from automl_assets import checks
 from automl_assets.cohort import cohort
 from automl_assets.core import event_store
-from automl_assets.core.feature_sql import matrix_query, training_matrix_query
+from automl_assets.core.feature_sql import Taxonomy, matrix_query, training_matrix_query
 from automl_assets.core.tfrecord import write_tfrecord
-from automl_assets.features import COLUMNS_FILE, feature_aggregates
+from automl_assets.core.timewin import hours_between
+from automl_assets.features import COLUMNS_FILE, cohort_features_query, feature_aggregates
 from automl_assets.labels import labels
 from automl_assets.partitions import prediction_hour_partitions
 from automl_assets.predictions import (
@@ -21,7 +22,7 @@ from automl_assets.predictions import (
     stacked_snapshots,
     trains_in_this_run,
 )
-from automl_assets.taxonomy import PREDICTION_GROUP
+from automl_assets.taxonomy import PREDICTION_GROUP, TAXONOMY_FILE
 from resources.engine import EngineResource
 from resources.storage import LocalStorage
 
@@ -37,6 +38,32 @@ def matrix_sql(sql, cohort_path: str, columns, absent: dict[str, float]) -> str:
     """Cohort users left-joined to their features (view `features`, registered by the caller): the inference join."""
     sql.register_parquet("cohort", cohort_path)
     return matrix_query(tuple(columns), absent)
+
+
+def matrix_for_model(engine: EngineResource, storage, run: PredictionRun, role: tuple[str, ...], cutoff, model_taxonomy: dict,
+                     parts: tuple[str, ...], log) -> str:
+    """The folder of the matrix of `role`'s cohort as of `cutoff` with the features a model was trained on
+    (`model_taxonomy`): the partition's own inference matrix when that is it; else written at `parts`, from the
+    partition's feature rows of `role` when the taxonomies agree, or rebuilt with the model's taxonomy by the same
+    code when they do not (scoring with a model whose retrain was not promoted; the model in force at the promotion
+    gate)."""
+    same_taxonomy = model_taxonomy == storage.read_json(*run.parts("taxonomy", TAXONOMY_FILE))["taxonomy"]
+    if same_taxonomy and role == INFER:
+        return storage.path(*matrix_parts(run, *INFER))
+    sql = engine.engine()
+    if same_taxonomy:
+        stored = storage.read_json(*run.parts("feature_aggregates", COLUMNS_FILE))
+        sql.register_parquet("features", storage.path(*run.parts("feature_aggregates", *role)))
+        columns, absent = stored["columns"], stored["absent"]
+    else:
+        log(f"the model was trained on another taxonomy than {run.prediction}'s at this hour: rebuilding its features")
+        chosen = Taxonomy.from_dict(model_taxonomy)
+        sql.register_rollups(storage, hours_between(cutoff - chosen.lookback, cutoff))
+        query = cohort_features_query(sql, storage, run, role, chosen, cutoff)
+        sql.register_query("features", query.sql)
+        columns, absent = query.columns, query.absent
+    sql.write(matrix_sql(sql, storage.path(*run.parts("cohort", *role)), columns, absent), storage, parts)
+    return storage.path(*parts)
 
 
 @dg.asset(

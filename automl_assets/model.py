@@ -8,10 +8,15 @@ import shutil
 from pathlib import Path
 
 import dagster as dg
+import numpy as np
+import pandas as pd
 import pyarrow as pa
 
+from automl_assets.core import layout
+from automl_assets.core.calibration import to_prior
+from automl_assets.core.metrics import summarise
 from automl_assets.core.timewin import hour_token
-from automl_assets.feature_matrix import feature_matrix
+from automl_assets.feature_matrix import feature_matrix, matrix_for_model
 from automl_assets.partitions import prediction_hour_partitions
 from automl_assets import checks
 from automl_assets.core import quality
@@ -24,9 +29,12 @@ from automl_assets.predictions import (
     model_version,
     prediction_run,
     promotion_parts,
+    snapshot_role,
+    stacked_snapshots,
     target_of,
 )
 from automl_assets.taxonomy import PREDICTION_GROUP, TAXONOMY_FILE
+from resources.engine import EngineResource
 from resources.sagemaker import LocalSageMaker
 from resources.storage import LocalStorage
 
@@ -60,27 +68,70 @@ def metrics_table(candidates: dict[str, dict], chosen: str) -> str:
     return "| model | AUC | log-loss | Brier | ECE |\n|---|---|---|---|---|\n" + "\n".join(rows)
 
 
-def promotion(storage, run: PredictionRun, metrics: dict) -> dict:
-    """Promote unless the new model is clearly worse than the model in force (normalised log-loss, so label windows
-    with different base rates compare fairly), both measured on the newest label window of their held-out users: the
-    window closest to what scores are about, and the one every model was measured on before the choice among
-    candidates moved to every stacked snapshot."""
-    chosen = metrics["chosen_newest_snapshot"]
-    new = quality.normalised_log_loss(chosen["log_loss"], chosen["positives"] / chosen["n"])
+def raw_scores(sagemaker: LocalSageMaker, model_dir: str, matrix_dir: str, users: pd.DataFrame, endpoint: str | None,
+               job: str, log) -> np.ndarray:
+    """Raw scores of `users` (rows of the matrix in `matrix_dir`), in their order: through the warm endpoint named
+    `endpoint` (deployed when it is not up; `users` then holds the feature columns), or a batch transform of the
+    matrix folder."""
+    if users.empty:
+        return np.array([], dtype=float)
+    if endpoint:
+        transformed = sagemaker.invoke(sagemaker.deploy(endpoint, model_dir, log), users)
+    else:
+        with sagemaker.transform(job, model_dir, matrix_dir, log) as output:
+            transformed = pd.read_parquet(output / "scores.parquet")
+    return users[["user_id"]].merge(transformed, on="user_id", how="left", validate="one_to_one")["raw_score"].to_numpy(float)
+
+
+def in_force_on_held_out(storage, engine, sagemaker, run: PredictionRun, trained_at, held_out: pd.DataFrame, log) -> np.ndarray:
+    """The probabilities (at its own training prior) that the model trained at `trained_at` gives the new model's
+    held-out users as of the newest training cutoff: their features rebuilt with its taxonomy when it differs."""
+    newest = stacked_snapshots(storage, run)[0]
+    in_force = lambda *name: layout.prediction_asset(run.prediction, "model", trained_at, *name)  # noqa: E731
+    gate_matrix = run.parts("model", "gate_matrix")
+    try:
+        matrix_dir = matrix_for_model(
+            engine, storage, run, snapshot_role(newest), newest.cutoff, storage.read_json(*in_force(TAXONOMY_FILE))["taxonomy"],
+            gate_matrix, log,
+        )
+        raw = raw_scores(sagemaker, storage.path(*in_force("model")), matrix_dir, held_out, None, job_name(run, "gate"), log)
+    finally:
+        storage.remove(*gate_matrix)
+    if np.isnan(raw).any():
+        raise dg.Failure(
+            f"{np.isnan(raw).sum()} held-out users of {run.prediction} at {hour_token(run.hour)} are not in its newest "
+            "training cohort: re-materialise this partition's cohort, feature_aggregates, feature_matrix and model together."
+        )
+    return to_prior(raw, storage.read_json(*in_force("output", "metrics.json"))["train_positive_rate"])
+
+
+def promotion(storage, engine, sagemaker, run: PredictionRun, metrics: dict, log) -> dict:
+    """Promote unless the new model is clearly worse than the model in force, both scored now on the same users: the
+    new model's held-out users in the newest label window (what its calibrator fits, the window closest to what
+    scores are about), each model's probability at its own training prior, by log-loss. A number the model in force
+    recorded on its own, older window is not a fair bar: a lucky window would keep an ageing model in force."""
+    new = metrics["chosen_newest_snapshot"]
+    positive_rate = new["positives"] / new["n"]
+    decision = {"normalised_log_loss": quality.normalised_log_loss(new["log_loss"], positive_rate), "compared_with": None, "promoted": True}
     current_hour = model_in_force(storage, run.prediction, run.hour, before=True)
-    decision = {"normalised_log_loss": new, "compared_with": None, "promoted": True}
     if current_hour is None:
         return {**decision, "reason": "the first model of this prediction's target (outcome, horizon, offset)"}
-    current = storage.read_json(*promotion_parts(run.prediction, current_hour))
-    limit = current["normalised_log_loss"] * (1 + quality.PROMOTION_MARGIN)
-    promoted = new <= limit
-    verdict = "within" if promoted else "more than"
+    held_out = pd.read_parquet(storage.path(*run.parts("model", "output", "validation_predictions.parquet")))
+    in_force = summarise(held_out["label"], in_force_on_held_out(storage, engine, sagemaker, run, current_hour, held_out, log))
+    bar = quality.normalised_log_loss(in_force["log_loss"], positive_rate)
+    promoted = decision["normalised_log_loss"] <= bar * (1 + quality.PROMOTION_MARGIN)
+    version = model_version(run.prediction, current_hour)
     return {
         **decision,
-        "compared_with": model_version(run.prediction, current_hour),
+        "compared_with": version,
+        "in_force_normalised_log_loss": bar,
+        "auc": new["auc"],
+        "in_force_auc": in_force["auc"],
+        "compared_on_users": new["n"],
         "promoted": promoted,
-        "reason": f"normalised log-loss {new:.4f} is {verdict} {quality.PROMOTION_MARGIN:.0%} of the model in force "
-        f"({current['normalised_log_loss']:.4f}, {model_version(run.prediction, current_hour)})",
+        "reason": f"normalised log-loss {decision['normalised_log_loss']:.4f} is {'within' if promoted else 'more than'} "
+        f"{quality.PROMOTION_MARGIN:.0%} of the model in force's {bar:.4f} ({version}), both on the same {new['n']:,} "
+        f"held-out users of the newest label window (AUC {new['auc']:.4f} against {in_force['auc']:.4f})",
     }
 
 
@@ -93,9 +144,11 @@ def promotion(storage, run: PredictionRun, metrics: dict) -> dict:
     description="Logistic regression, gradient boosting and a Keras network trained on 80% of the training users "
     "(class-rebalanced), and the means of every two or three of them; the one with the best log-loss on the other "
     "20% is kept, and promoted "
-    "unless it is clearly worse than the model in force.",
+    "unless it is clearly worse than the model in force, scored again on the same held-out users.",
 )
-def model(context: dg.AssetExecutionContext, storage: LocalStorage, sagemaker: LocalSageMaker) -> dg.MaterializeResult:
+def model(
+    context: dg.AssetExecutionContext, storage: LocalStorage, engine: EngineResource, sagemaker: LocalSageMaker
+) -> dg.MaterializeResult:
     run = prediction_run(context, storage)
     hyperparameters = {
         "models": list(run.spec.models),
@@ -123,7 +176,7 @@ def model(context: dg.AssetExecutionContext, storage: LocalStorage, sagemaker: L
     storage.write_json(storage.read_json(*run.parts("taxonomy", TAXONOMY_FILE)), *run.parts("model", TAXONOMY_FILE))
     storage.write_json(target_of(run.spec), *run.parts("model", TARGET_FILE))
     metrics = storage.read_json(*run.parts("model", "output", "metrics.json"))
-    decision = promotion(storage, run, metrics)
+    decision = promotion(storage, engine, sagemaker, run, metrics, context.log.info)
     storage.write_json(decision, *promotion_parts(run.prediction, run.hour))
     chosen = metrics["chosen"]
     best = metrics["metrics"][chosen]
@@ -135,6 +188,7 @@ def model(context: dg.AssetExecutionContext, storage: LocalStorage, sagemaker: L
             "auc": best["auc"],
             "log_loss": best["log_loss"],
             "normalised_log_loss": decision["normalised_log_loss"],
+            **({"in_force_normalised_log_loss": decision["in_force_normalised_log_loss"]} if decision["compared_with"] else {}),
             "brier": best["brier"],
             "ece_uncalibrated": best["ece"],
             "candidates": dg.MetadataValue.md(metrics_table(metrics["metrics"], chosen)),

@@ -11,11 +11,8 @@ from automl_assets import checks
 from automl_assets.calibrator import calibrator
 from automl_assets.core import layout
 from automl_assets.core.calibration import Calibrator
-from automl_assets.core.feature_sql import Taxonomy
-from automl_assets.core.timewin import hours_between
-from automl_assets.feature_matrix import feature_matrix, matrix_parts, matrix_sql
-from automl_assets.features import cohort_features_query
-from automl_assets.model import job_name
+from automl_assets.feature_matrix import feature_matrix, matrix_for_model, matrix_parts
+from automl_assets.model import job_name, raw_scores
 from automl_assets.partitions import prediction_hour_partitions
 from automl_assets.predictions import (
     INFER,
@@ -83,39 +80,6 @@ def endpoint_name(prediction: str) -> str:
     return "automl-" + prediction.replace("_", "-")  # SageMaker endpoint names allow letters, digits and hyphens
 
 
-def raw_scores(sagemaker: LocalSageMaker, model_dir: str, matrix_dir: str, users: pd.DataFrame, endpoint: str | None,
-               job: str, log) -> np.ndarray:
-    """Raw scores of `users` (rows of the matrix in `matrix_dir`), in their order: through the warm endpoint named
-    `endpoint` (deployed when it is not up; `users` then holds the feature columns), or a batch transform of the
-    matrix folder."""
-    if users.empty:
-        return np.array([], dtype=float)
-    if endpoint:
-        transformed = sagemaker.invoke(sagemaker.deploy(endpoint, model_dir, log), users)
-    else:
-        with sagemaker.transform(job, model_dir, matrix_dir, log) as output:
-            transformed = pd.read_parquet(output / "scores.parquet")
-    return users[["user_id"]].merge(transformed, on="user_id", how="left", validate="one_to_one")["raw_score"].to_numpy(float)
-
-
-def inference_matrix_dir(context, storage, engine: EngineResource, run: PredictionRun, trained_at) -> str:
-    """The parquet folder the transform job scores: the partition's inference matrix, or — when the model in force
-    was trained on another taxonomy (a retrain whose model was not promoted) — the same matrix rebuilt with that
-    model's features by the same code, kept beside the scores."""
-    model_taxonomy = storage.read_json(*layout.prediction_asset(run.prediction, "model", trained_at, TAXONOMY_FILE))["taxonomy"]
-    if model_taxonomy == storage.read_json(*run.parts("taxonomy", TAXONOMY_FILE))["taxonomy"]:
-        return storage.path(*matrix_parts(run, *INFER))
-    context.log.warning(f"the model in force was trained on another taxonomy; rebuilding features for {run.prediction}")
-    sql = engine.engine()
-    chosen = Taxonomy.from_dict(model_taxonomy)
-    sql.register_rollups(storage, hours_between(run.times.as_of - chosen.lookback, run.times.as_of))
-    query = cohort_features_query(sql, storage, run, INFER, chosen, run.times.as_of)
-    sql.register_query("features", query.sql)
-    cohort_path = storage.path(*run.parts("cohort", *INFER))
-    sql.write(matrix_sql(sql, cohort_path, query.columns, query.absent), storage, run.parts("scores", "matrix"))
-    return storage.path(*run.parts("scores", "matrix"))
-
-
 @dg.asset(
     partitions_def=prediction_hour_partitions,
     deps=[calibrator, feature_matrix],
@@ -151,7 +115,10 @@ def scores(
             f"the cohort and feature matrix of {run.prediction} at {run.hour.isoformat()} hold only the users active "
             f"in the hour: materialise the `{PREDICTION_GROUP}` group from `cohort` with the run tag {SCOPE_TAG}=cohort."
         )
-    matrix_dir = inference_matrix_dir(context, storage, engine, run, trained_at)
+    model_taxonomy = storage.read_json(*layout.prediction_asset(run.prediction, "model", trained_at, TAXONOMY_FILE))["taxonomy"]
+    matrix_dir = matrix_for_model(
+        engine, storage, run, INFER, run.times.as_of, model_taxonomy, run.parts("scores", "matrix"), context.log.warning
+    )
     hourly_endpoint = scope == "active" and sagemaker.scores_hourly_through_endpoint(context.run.tags)
     endpoint = endpoint_name(run.prediction) if hourly_endpoint else None
     matrix = pd.read_parquet(matrix_dir, columns=None if endpoint else ["user_id", "active_last_hour"])

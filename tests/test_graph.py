@@ -1,5 +1,6 @@
 """The whole asset graph for one partition, through Dagster, on tiny synthetic data with a planted signal."""
 
+import shutil
 from pathlib import Path
 
 import dagster as dg
@@ -191,6 +192,40 @@ def test_a_model_trained_on_another_taxonomy_scores_the_features_it_was_trained_
     rebuilt = read(storage, "scores", "matrix")
     assert len(rebuilt) == len(read(storage, "feature_matrix", "infer", "matrix.parquet"))
     pd.testing.assert_frame_equal(read(storage, "scores", "scores.parquet"), before)
+
+
+def test_the_promotion_gate_scores_the_model_in_force_again_on_the_new_held_out_users(graph):
+    """The gate does not take the number the model in force recorded on its own label window as the bar (here a
+    lucky 0.01, which no model could beat): it scores that model again on the new model's held-out users, with the
+    features of its own taxonomy. The model in force here is this hour's model copied to a day earlier, so the two
+    must score alike, whether the retrain's taxonomy is the model in force's or not (its features are rebuilt)."""
+    instance, root, storage, engine = graph
+    earlier = HOUR_H - 24 * HOUR
+    for asset in ("model", "calibrator"):
+        shutil.copytree(storage.path(*layout.prediction_asset(SPEC.name, asset, HOUR_H)), storage.path(*layout.prediction_asset(SPEC.name, asset, earlier)))
+    lucky = layout.prediction_asset(SPEC.name, "model", earlier, "promotion.json")
+    storage.write_json({**storage.read_json(*lucky), "normalised_log_loss": 0.01}, *lucky)
+    taxonomy_parts = layout.prediction_asset(SPEC.name, "taxonomy", HOUR_H, "taxonomy.json")
+    taxonomy = storage.read_json(*taxonomy_parts)
+    retrain = [a for a in PREDICTION_ASSETS if a.key.path[0] in ("model", "calibrator")]
+    try:
+        for hour_taxonomy in (taxonomy, {**taxonomy, "taxonomy": {**taxonomy["taxonomy"], "events": taxonomy["taxonomy"]["events"][:-1]}}):
+            storage.write_json(hour_taxonomy, *taxonomy_parts)
+            result = dg.materialize(retrain, instance=instance, resources=resources(root, engine), partition_key=prediction_hour_key(SPEC.name, HOUR_H))
+            assert result.success
+            decision = storage.read_json(*layout.prediction_asset(SPEC.name, "model", HOUR_H, "promotion.json"))
+            assert decision["promoted"], decision["reason"]
+            assert decision["compared_with"] == f"{SPEC.name}@2026-02-28T23"
+            assert decision["in_force_normalised_log_loss"] == pytest.approx(decision["normalised_log_loss"], rel=1e-9)
+            assert decision["in_force_auc"] == pytest.approx(decision["auc"], rel=1e-9)
+            assert decision["compared_on_users"] == len(read(storage, "model", "output", "validation_predictions.parquet"))
+            assert not storage.exists(*layout.prediction_asset(SPEC.name, "model", HOUR_H, "gate_matrix"))
+    finally:
+        storage.write_json(taxonomy, *taxonomy_parts)
+        storage.write_json(taxonomy, *layout.prediction_asset(SPEC.name, "model", HOUR_H, "taxonomy.json"))
+        for asset in ("model", "calibrator"):
+            storage.remove(*layout.prediction_asset(SPEC.name, asset, earlier))
+    assert model_in_force(storage, SPEC.name, HOUR_H) == HOUR_H
 
 
 def test_a_scoring_run_reads_the_lookback_of_the_model_in_force(graph):

@@ -22,8 +22,9 @@ LEAKAGE_SAMPLE_ROWS = 50_000  # single-feature AUCs to about ±0.005, far finer 
 # a few thousand users is too small for the models to beat a 3-feature baseline (docs/evaluation.md), while a cohort of
 # this size gains little from more rows and would pay for each snapshot in time and memory. A cost bound.
 ENOUGH_TRAINING_ROWS = 200_000
-# A new model may be at most 5% worse than the model in force in normalised log-loss and still be promoted: the two
-# are measured on different label windows, and sampling noise on a few hundred held-out positives is of that order.
+# A new model may be at most 5% worse than the model in force in normalised log-loss, both scored on the same held-out
+# users, and still be promoted: it has learnt from the newest weeks, which one label window shows only in part, and
+# a few hundred held-out positives still leave the two losses a few percent apart by chance.
 PROMOTION_MARGIN = 0.05
 # Population stability index: < 0.1 stable, 0.1-0.25 moderate shift, > 0.25 major shift (the credit-scoring rule of
 # thumb). A retrain is requested above 0.25.
