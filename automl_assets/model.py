@@ -85,7 +85,8 @@ def raw_scores(sagemaker: LocalSageMaker, model_dir: str, matrix_dir: str, users
 
 def in_force_on_held_out(storage, engine, sagemaker, run: PredictionRun, trained_at, held_out: pd.DataFrame, log) -> np.ndarray:
     """The probabilities (at its own training prior) that the model trained at `trained_at` gives the new model's
-    held-out users as of the newest training cutoff: their features rebuilt with its taxonomy when it differs."""
+    held-out users as of the newest training cutoff, NaN for a user not in that cohort: their features rebuilt with
+    its taxonomy when it differs."""
     newest = stacked_snapshots(storage, run)[0]
     in_force = lambda *name: layout.prediction_asset(run.prediction, "model", trained_at, *name)  # noqa: E731
     gate_matrix = run.parts("model", "gate_matrix")
@@ -97,11 +98,6 @@ def in_force_on_held_out(storage, engine, sagemaker, run: PredictionRun, trained
         raw = raw_scores(sagemaker, storage.path(*in_force("model")), matrix_dir, held_out, None, job_name(run, "gate"), log)
     finally:
         storage.remove(*gate_matrix)
-    if np.isnan(raw).any():
-        raise dg.Failure(
-            f"{np.isnan(raw).sum()} held-out users of {run.prediction} at {hour_token(run.hour)} are not in its newest "
-            "training cohort: re-materialise this partition's cohort, feature_aggregates, feature_matrix and model together."
-        )
     return to_prior(raw, storage.read_json(*in_force("output", "metrics.json"))["train_positive_rate"])
 
 
@@ -117,10 +113,23 @@ def promotion(storage, engine, sagemaker, run: PredictionRun, metrics: dict, log
     if current_hour is None:
         return {**decision, "reason": "the first model of this prediction's target (outcome, horizon, offset)"}
     held_out = pd.read_parquet(storage.path(*run.parts("model", "output", "validation_predictions.parquet")))
-    in_force = summarise(held_out["label"], in_force_on_held_out(storage, engine, sagemaker, run, current_hour, held_out, log))
+    version = model_version(run.prediction, current_hour)
+    try:
+        probabilities = in_force_on_held_out(storage, engine, sagemaker, run, current_hour, held_out, log)
+    except Exception as error:  # noqa: BLE001 (reported in the reason and the log, not swallowed)
+        # A model in force that can no longer be scored (a format this version cannot load, files removed) must not
+        # stop every retrain that would replace it.
+        log(f"the model in force {version} could not be scored on the held-out users: {error}")
+        return {**decision, "compared_with": version, "reason": f"the model in force ({version}) could not be scored again: {error}"}
+    if np.isnan(probabilities).any():
+        raise dg.Failure(
+            f"{np.isnan(probabilities).sum()} held-out users of {run.prediction} at {hour_token(run.hour)} are not in its "
+            "newest training cohort: re-materialise this partition's cohort, feature_aggregates, feature_matrix and model "
+            "together."
+        )
+    in_force = summarise(held_out["label"], probabilities)
     bar = quality.normalised_log_loss(in_force["log_loss"], positive_rate)
     promoted = decision["normalised_log_loss"] <= bar * (1 + quality.PROMOTION_MARGIN)
-    version = model_version(run.prediction, current_hour)
     return {
         **decision,
         "compared_with": version,
@@ -188,7 +197,7 @@ def model(
             "auc": best["auc"],
             "log_loss": best["log_loss"],
             "normalised_log_loss": decision["normalised_log_loss"],
-            **({"in_force_normalised_log_loss": decision["in_force_normalised_log_loss"]} if decision["compared_with"] else {}),
+            **({"in_force_normalised_log_loss": decision["in_force_normalised_log_loss"]} if "in_force_normalised_log_loss" in decision else {}),
             "brier": best["brier"],
             "ece_uncalibrated": best["ece"],
             "candidates": dg.MetadataValue.md(metrics_table(metrics["metrics"], chosen)),

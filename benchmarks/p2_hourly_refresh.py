@@ -13,7 +13,7 @@ engine P1 timed (the new hour is removed from the store before each engine's ref
   <engine>_features  the hourly cohort (feature_sql.cohort_query(..., only_active_last_hour=True), written to parquet as
                      the cohort asset of an hourly run writes it: active within 28 days and in the hour)
                      and feature_query(..., users=<that cohort>) as of END + 1h over 8 weeks of rollup views, to parquet
-  <engine>_scoring   the project's hourly scoring path for those users (scores.raw_scores) as the default configuration
+  <engine>_scoring   the project's hourly scoring path for those users (model.raw_scores) as the default configuration
                      runs the hourly runs the sensors launch: the features sent to the prediction's warm endpoint (the
                      entry script's `serve` mode, deployed before the clock starts, as the first hourly run after a
                      retrain does once), then the calibrator, percentiles, the scores file and scores.merge_latest into
@@ -114,7 +114,8 @@ def main(argv=None) -> int:
         from automl_assets.core.feature_sql import Taxonomy, cohort_query, feature_query
         from automl_assets.core.spark_jobs import existing_hour_paths
         from automl_assets.core.timewin import epoch_hour, hours_between
-        from automl_assets.scores import SCORE_SCHEMA, merge_latest, percentiles, raw_scores
+        from automl_assets.model import raw_scores
+        from automl_assets.scores import SCORE_SCHEMA, merge_latest, percentiles
         from p1_feature_build import compare, duckdb_feature_sql, load_sorted
         from resources.sagemaker import LocalSageMaker
         from resources.storage import LocalStorage

@@ -220,6 +220,12 @@ def test_the_promotion_gate_scores_the_model_in_force_again_on_the_new_held_out_
             assert decision["in_force_auc"] == pytest.approx(decision["auc"], rel=1e-9)
             assert decision["compared_on_users"] == len(read(storage, "model", "output", "validation_predictions.parquet"))
             assert not storage.exists(*layout.prediction_asset(SPEC.name, "model", HOUR_H, "gate_matrix"))
+        # A model in force that cannot be loaded any more does not stop the retrain that replaces it.
+        storage.remove(*layout.prediction_asset(SPEC.name, "model", earlier, "model"))
+        result = dg.materialize(retrain, instance=instance, resources=resources(root, engine), partition_key=prediction_hour_key(SPEC.name, HOUR_H))
+        assert result.success
+        decision = storage.read_json(*layout.prediction_asset(SPEC.name, "model", HOUR_H, "promotion.json"))
+        assert decision["promoted"] and "could not be scored again" in decision["reason"], decision
     finally:
         storage.write_json(taxonomy, *taxonomy_parts)
         storage.write_json(taxonomy, *layout.prediction_asset(SPEC.name, "model", HOUR_H, "taxonomy.json"))

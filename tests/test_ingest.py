@@ -132,6 +132,10 @@ def test_plain_json_lines_are_read_like_gzipped_ones(tmp_path):
         "2026-03-01T00:06:07.000-05:00",
         1772341567000,
         "1772341567000",
+        1772341567,  # epoch seconds
+        "1772341567",
+        1772341567.0,
+        "1772341567.000",
     ],
 )
 def test_event_time_is_normalised_to_utc(tmp_path, event_time):
@@ -139,6 +143,20 @@ def test_event_time_is_normalised_to_utc(tmp_path, event_time):
         tmp_path / "a.json", [{"event_type": "view", "user_id": "u1", "event_time": event_time, "insert_id": "i"}]
     )
     assert read_events(path).events.column("event_time").to_pylist() == [T0]
+
+
+def test_epoch_numbers_below_1e11_are_seconds_and_the_others_milliseconds(tmp_path):
+    """Epoch seconds read as milliseconds would all land in January 1970; milliseconds below 10^11 would be before
+    March 1973, when no product sent events."""
+    times = [1772341567, 1772341567123, 10**11, 0, 10**11 - 1]
+    path = write_lines(
+        tmp_path / "a.json", [{"event_type": "view", "user_id": "u", "event_time": t, "insert_id": str(n)} for n, t in enumerate(times)]
+    )
+    result = read_events(path)
+    assert result.events.column("event_time").to_pylist() == [
+        T0, utc(2026, 3, 1, 5, 6, 7, 123000), utc(1973, 3, 3, 9, 46, 40), utc(1970, 1, 1)
+    ]
+    assert result.reason_counts() == {"bad_event_time": 1}  # 10^11 - 1 seconds is in the year 5138
 
 
 def test_device_id_stands_in_for_a_missing_user_id(tmp_path):

@@ -9,7 +9,9 @@ Choices the design notes leave open, fixed here:
 - Property maps are never null: a source without properties gives an empty map.
 - Segment ``anonymousId`` is a device-level id, so it becomes ``device:<anonymousId>`` like Amplitude's ``device_id``;
   ``screen`` calls are read like ``page`` calls (event type ``$screen``); other message types are quarantined.
-- Epoch numbers (JSON numbers, digit-only strings, integer parquet columns) are milliseconds, as in Amplitude.
+- Epoch numbers (JSON numbers, digit-only strings, integer parquet columns) are milliseconds, as in Amplitude, and
+  seconds below 10^11 (as milliseconds that is before March 1973; Mixpanel's import, too, takes either unit):
+  exports from warehouses and logs often count seconds, which as milliseconds would all land in January 1970.
 - ``events`` keeps the file's order; ``dedupe_events`` sorts.
 """
 
@@ -87,6 +89,8 @@ _ONE_US = timedelta(microseconds=1)
 _MIN_US = 0
 _MAX_US = (datetime(2100, 1, 1, tzinfo=timezone.utc) - _EPOCH) // _ONE_US - 1
 _EPOCH_NUMBER = re.compile(r"[+-]?\d+(?:\.\d*)?").fullmatch
+# Epoch numbers below this are seconds, the others milliseconds (see the module's docstring).
+_EPOCH_SECONDS_BELOW = 10**11
 
 
 class IngestError(Exception):
@@ -196,12 +200,11 @@ def _datetime_micros(dt: datetime) -> int | None:
     return _micros_in_range((dt - _EPOCH) // _ONE_US)
 
 
-def _epoch_ms_micros(ms: int | float) -> int | None:
-    if isinstance(ms, float):
-        if not math.isfinite(ms):
-            return None
-        return _micros_in_range(round(ms * 1000))
-    return _micros_in_range(ms * 1000)
+def _epoch_micros(number: int | float) -> int | None:
+    if isinstance(number, float) and not math.isfinite(number):
+        return None
+    scale = 1_000_000 if abs(number) < _EPOCH_SECONDS_BELOW else 1000
+    return _micros_in_range(round(number * scale) if isinstance(number, float) else number * scale)
 
 
 def _micros(value: Any) -> int | None:
@@ -211,7 +214,7 @@ def _micros(value: Any) -> int | None:
         if not text:
             return None
         if _EPOCH_NUMBER(text):
-            return _epoch_ms_micros(float(text) if "." in text else int(text))
+            return _epoch_micros(float(text) if "." in text else int(text))
         try:
             return _datetime_micros(datetime.fromisoformat(text))
         except ValueError:
@@ -219,7 +222,7 @@ def _micros(value: Any) -> int | None:
     if isinstance(value, bool):
         return None
     if isinstance(value, (int, float)):
-        return _epoch_ms_micros(value)
+        return _epoch_micros(value)
     if isinstance(value, datetime):
         return _datetime_micros(value)
     if isinstance(value, date):
@@ -547,7 +550,7 @@ _ISO_TIME = (
     r"^(?P<date>[1-8]\d{3}-\d{2}-\d{2})[ T](?P<time>(?:[01]\d|2[0-3]):[0-5]\d:[0-5]\d)(?:\.(?P<fraction>\d{1,6}))?"
     r"(?:Z|(?P<sign>[+-])(?P<zh>[01]\d|2[0-3]):(?P<zm>[0-5]\d))?$"
 )
-_EPOCH_MS = r"^\d{1,14}$"  # epoch milliseconds as digits, all within the accepted range of times
+_EPOCH_DIGITS = r"^\d{1,14}$"  # epoch seconds or milliseconds as digits, all within int64 once in microseconds
 _DECIMAL = r"^-?\d+(\.\d+)?$"  # revenue text that float() and Arrow's cast read alike
 _ID_FIELDS = ("user_id", "device_id", "event_type", "event_time", "insert_id", "$insert_id", "uuid")
 _AMPLITUDE_TYPES = pa.schema([*((name, pa.string()) for name in _ID_FIELDS), ("revenue", pa.float64())])
@@ -675,10 +678,11 @@ class _Plain:
         n = len(strings)
         out = np.zeros(n, np.int64)
         iso = _mask(pc.match_substring_regex(strings, _ISO_TIME))
-        epoch = _mask(pc.match_substring_regex(strings, _EPOCH_MS))
+        epoch = _mask(pc.match_substring_regex(strings, _EPOCH_DIGITS))
         self.ok &= iso | epoch
         if epoch.any():
-            out[epoch] = pc.cast(strings.filter(epoch), pa.int64()).to_numpy() * 1000
+            numbers = pc.cast(strings.filter(epoch), pa.int64()).to_numpy()
+            out[epoch] = numbers * np.where(numbers < _EPOCH_SECONDS_BELOW, 1_000_000, 1000)
         if iso.any():
             strings = strings.filter(iso)
             us, valid = _iso_micros(strings)
