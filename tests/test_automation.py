@@ -218,6 +218,11 @@ def test_new_raw_files_trigger_one_ingest_run_over_their_hours(storage):
         assert (request.tags[RANGE_START_TAG], request.tags[RANGE_END_TAG]) == ("2026-03-02-04:00", "2026-03-02-06:00")
         again = new_raw_events(sensor_context(instance, storage, result.cursor))
         assert isinstance(again, dg.SkipReason)
+        # The cursor keeps a short key per file kept under landing/, and forgets a file once it is removed.
+        assert [len(key) for key in json.loads(result.cursor)] == [16]
+        (folder / "export.json.gz").unlink()
+        removed = new_raw_events(sensor_context(instance, storage, result.cursor))
+        assert not removed.run_requests and json.loads(removed.cursor) == []
 
 
 def test_an_unreadable_landing_file_does_not_stop_the_others(storage):

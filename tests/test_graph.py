@@ -272,7 +272,7 @@ def test_hourly_scores_through_a_warm_endpoint_equal_the_batch_transform(graph, 
         assert result.success
         return result.asset_materializations_for_node("scores")[0].metadata["scored_by"].value, read(storage, "scores", "scores.parquet")
 
-    name = endpoint_name(SPEC.name)
+    name = endpoint_name(SPEC.name, HOUR_H)
     sagemaker = LocalSageMaker(work_root=str(tmp_path))
     try:
         scored_by, batch = score_hour("active", launched_by_sensor=False)
