@@ -198,16 +198,15 @@ def cmd_real_data(args) -> int:
 
 
 def cmd_endpoints(args) -> int:
-    from automl_assets.scores import endpoints_of
+    from automl_assets.scores import endpoint_name
     from resources.environments import resources_for_env
 
     sagemaker = resources_for_env()["sagemaker"]
     if args.stop:
         deployed = sagemaker.endpoint_names()
-        # An endpoint's name stops it; a prediction's stops every endpoint of its models.
-        chosen = {given: [given] if given in deployed else endpoints_of(given, deployed) for given in args.stop}
-        names = deployed if args.stop == ["all"] else sorted({name for found in chosen.values() for name in found})
-        unknown = [given for given, found in chosen.items() if not found]
+        # A prediction's name or its endpoint's (automl-purchase-7d) both name it.
+        names = deployed if args.stop == ["all"] else [n if n in deployed else endpoint_name(n) for n in args.stop]
+        unknown = [given for given, name in zip(args.stop, names) if name not in deployed]
         if args.stop != ["all"] and unknown:
             print(
                 f"no endpoint for {', '.join(unknown)}; deployed: {', '.join(deployed) or 'none'} (give a prediction or "
@@ -222,7 +221,7 @@ def cmd_endpoints(args) -> int:
     for endpoint in endpoints:
         print(f"{endpoint.name}  {endpoint.url}  pid {endpoint.pid}  model {endpoint.model_dir}")
     if not endpoints:
-        print("no endpoint is running (the hourly runs a schedule or sensor launches deploy one per model they score with)")
+        print("no endpoint is running (the hourly runs a schedule or sensor launches deploy one per prediction)")
     return 0
 
 

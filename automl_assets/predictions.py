@@ -1,7 +1,7 @@
 """Registered predictions: their specs live in the store, their names are keys of the `prediction` partitions."""
 
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 
 import dagster as dg
 
@@ -178,6 +178,11 @@ def trained_for(storage, prediction: str, hour: datetime, target: dict) -> bool:
     """Whether a model of `target` was trained at `hour`."""
     parts = layout.prediction_asset(prediction, "model", hour, TARGET_FILE)
     return storage.exists(*parts) and storage.read_json(*parts) == target
+
+
+def newest_model(storage, prediction: str) -> datetime | None:
+    """The hour of the prediction's newest model in force, whatever hour is scored."""
+    return model_in_force(storage, prediction, datetime.max.replace(tzinfo=timezone.utc))
 
 
 def model_in_force(storage, prediction: str, hour: datetime, before: bool = False) -> datetime | None:

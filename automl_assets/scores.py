@@ -1,10 +1,6 @@
 """Scores: calibrated probabilities per user from the newest promoted model trained at or before the hour, written
 per partition and merged into a queryable latest-score-per-user table."""
 
-import hashlib
-import re
-from datetime import datetime
-
 import dagster as dg
 import numpy as np
 import pandas as pd
@@ -15,7 +11,6 @@ from automl_assets import checks
 from automl_assets.calibrator import calibrator
 from automl_assets.core import layout
 from automl_assets.core.calibration import Calibrator
-from automl_assets.core.timewin import hour_token
 from automl_assets.feature_matrix import feature_matrix, matrix_for_model, matrix_parts
 from automl_assets.model import job_name, raw_scores
 from automl_assets.partitions import prediction_hour_partitions
@@ -27,6 +22,7 @@ from automl_assets.predictions import (
     calibrator_parts,
     model_in_force,
     model_version,
+    newest_model,
     prediction_run,
     recorded_scope,
     scoring_scope,
@@ -81,30 +77,8 @@ def merge_latest(storage, prediction: str, new: pd.DataFrame) -> int:
         return merged.num_rows
 
 
-def endpoint_prefix(prediction: str) -> str:
-    """The start of the names of `prediction`'s endpoints. SageMaker names allow letters, digits and hyphens, 63 at
-    most: a name too long for the hour that follows is cut and keeps a hash of the whole."""
-    name = prediction.replace("_", "-")
-    if len(name) > 63 - len("automl--2026-03-01t23"):
-        name = f"{name[:33]}-{hashlib.sha256(prediction.encode()).hexdigest()[:8]}"
-    return f"automl-{name}-"
-
-
-def endpoint_name(prediction: str, trained_at: datetime) -> str:
-    """One endpoint per model (its prediction and training hour): a run rescoring an older hour with the model in
-    force then (late events after a retrain) deploys that model beside the newest one, instead of replacing the
-    endpoint that the current hourly runs call."""
-    return endpoint_prefix(prediction) + hour_token(trained_at).lower()
-
-
-HOUR_IN_NAME = re.compile(r"\d{4}-\d{2}-\d{2}t\d{2}")  # what endpoint_name puts after the prefix
-
-
-def endpoints_of(prediction: str, names: list[str]) -> list[str]:
-    """Those of the endpoint `names` that serve a model of `prediction` (not of another prediction sharing the
-    start of its name)."""
-    prefix = endpoint_prefix(prediction)
-    return [name for name in names if name.startswith(prefix) and HOUR_IN_NAME.fullmatch(name[len(prefix):])]
+def endpoint_name(prediction: str) -> str:
+    return "automl-" + prediction.replace("_", "-")  # SageMaker endpoint names allow letters, digits and hyphens
 
 
 @dg.asset(
@@ -146,8 +120,15 @@ def scores(
     matrix_dir = matrix_for_model(
         engine, storage, run, INFER, run.times.as_of, model_taxonomy, run.parts("scores", "matrix"), context.log.warning
     )
-    hourly_endpoint = scope == "active" and sagemaker.scores_hourly_through_endpoint(context.run.tags)
-    endpoint = endpoint_name(run.prediction, trained_at) if hourly_endpoint else None
+    # Only the prediction's newest model is served warm: a run rescoring an older hour with the model in force then
+    # (late events after a retrain) is a batch transform, so it neither redeploys the prediction's one endpoint with
+    # the older model nor stops it under the hourly runs calling it.
+    hourly_endpoint = (
+        scope == "active"
+        and sagemaker.scores_hourly_through_endpoint(context.run.tags)
+        and trained_at == newest_model(storage, run.prediction)
+    )
+    endpoint = endpoint_name(run.prediction) if hourly_endpoint else None
     matrix = pd.read_parquet(matrix_dir, columns=None if endpoint else ["user_id", "active_last_hour"])
     if scope == built_for:  # the cohort's users, every one of whom must be scored
         expected = pd.read_parquet(storage.path(*run.parts("cohort", *INFER)), columns=["user_id"])["user_id"]

@@ -245,7 +245,8 @@ def landing_cursor_key(marker: str) -> str:
     description="Stages raw files newly dropped under landing/ and requests one ingest run over the hours they touch.",
 )
 def new_raw_events(context: dg.SensorEvaluationContext, storage: LocalStorage):
-    seen = set(json.loads(context.cursor)) if context.cursor else set()
+    # A cursor written before the keys were hashed holds the markers themselves: hashed, they are its keys.
+    seen = {entry if "|" not in entry else landing_cursor_key(entry) for entry in json.loads(context.cursor or "[]")}
     listed, fresh = set(), []
     for path in event_store.landing_files(storage):
         try:
@@ -255,8 +256,9 @@ def new_raw_events(context: dg.SensorEvaluationContext, storage: LocalStorage):
         listed.add(key)
         if key not in seen:
             fresh.append((key, path))
-    # Files removed from landing/ leave the cursor, which holds only what is kept there.
-    kept = seen & listed
+    # Files removed from landing/ leave the cursor, which holds only what is kept there; a listing that finds no file
+    # at all (the folder unmounted or being replaced) keeps it whole, or the folder's return would ingest it all again.
+    kept = seen & listed if listed else seen
     if not fresh:
         skip = dg.SkipReason("no new files under landing/")
         return skip if kept == seen else dg.SensorResult(skip_reason=skip, cursor=json.dumps(sorted(kept)))

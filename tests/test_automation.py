@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from automl_assets.core import layout
+from automl_assets.core import event_store, layout
 from automl_assets.core.event_store import write_events
 from automl_assets.core.spec import parse_spec
 from automl_assets.core.timewin import HOUR
@@ -220,9 +220,19 @@ def test_new_raw_files_trigger_one_ingest_run_over_their_hours(storage):
         assert isinstance(again, dg.SkipReason)
         # The cursor keeps a short key per file kept under landing/, and forgets a file once it is removed.
         assert [len(key) for key in json.loads(result.cursor)] == [16]
+        # A cursor of the older form (the markers themselves) is read as the same keys: nothing is ingested again.
+        old_form = json.dumps([event_store.landing_marker(folder / "export.json.gz")])
+        assert isinstance(new_raw_events(sensor_context(instance, storage, old_form)), dg.SkipReason)
+        # A file removed from landing/ leaves the cursor (here while another arrives) ...
         (folder / "export.json.gz").unlink()
-        removed = new_raw_events(sensor_context(instance, storage, result.cursor))
-        assert not removed.run_requests and json.loads(removed.cursor) == []
+        with gzip.open(folder / "next.json.gz", "wt") as handle:
+            handle.write(json.dumps({"event_type": "view", "user_id": "u2", "event_time": "2026-03-02 07:00:00"}) + "\n")
+        replaced = new_raw_events(sensor_context(instance, storage, result.cursor))
+        assert [r.tags[RANGE_START_TAG] for r in replaced.run_requests] == ["2026-03-02-07:00"]
+        assert len(json.loads(replaced.cursor)) == 1 and set(json.loads(replaced.cursor)).isdisjoint(json.loads(result.cursor))
+        # ... but a listing that finds no file at all keeps the cursor whole.
+        (folder / "next.json.gz").unlink()
+        assert isinstance(new_raw_events(sensor_context(instance, storage, replaced.cursor)), dg.SkipReason)
 
 
 def test_an_unreadable_landing_file_does_not_stop_the_others(storage):

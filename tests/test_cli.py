@@ -177,11 +177,11 @@ def test_mistakes_get_an_error_that_says_what_to_do_before_any_run(env, tmp_path
     monkeypatch.setenv("AUTOML_SAGEMAKER_ROOT", str(tmp_path / "sagemaker"))
     assert main(["endpoints", "--stop", "purchase_7d"]) == 2
     assert "no endpoint for purchase_7d; deployed: none" in capsys.readouterr().err
-    state = tmp_path / "sagemaker" / "endpoints" / "automl-purchase-7d-2026-03-01t23.json"
+    state = tmp_path / "sagemaker" / "endpoints" / "automl-purchase-7d.json"
     state.parent.mkdir(parents=True)
     state.write_text("{}")  # deployed once, its process long gone
     assert main(["endpoints", "--stop", "purchase_7d"]) == 0
-    assert capsys.readouterr().out == "automl-purchase-7d-2026-03-01t23: was not running\n" and not state.exists()
+    assert capsys.readouterr().out == "automl-purchase-7d: was not running\n" and not state.exists()
 
 
 def test_the_demo_keeps_one_history_per_store(tmp_path):

@@ -256,8 +256,8 @@ def test_a_scoring_run_reads_the_lookback_of_the_model_in_force(graph):
 
 
 def test_hourly_scores_through_a_warm_endpoint_equal_the_batch_transform(graph, tmp_path):
-    """By default only runs a sensor or schedule launches (the hourly chain) keep an endpoint warm; a run started by
-    hand is a batch transform and leaves no process behind."""
+    """By default only runs a sensor or schedule launches (the hourly chain) keep an endpoint warm, serving the
+    prediction's newest model; a run started by hand is a batch transform and leaves no process behind."""
     instance, root, storage, engine = graph
     scores_asset = [a for a in PREDICTION_ASSETS if a.key.path[0] == "scores"]
 
@@ -272,7 +272,7 @@ def test_hourly_scores_through_a_warm_endpoint_equal_the_batch_transform(graph, 
         assert result.success
         return result.asset_materializations_for_node("scores")[0].metadata["scored_by"].value, read(storage, "scores", "scores.parquet")
 
-    name = endpoint_name(SPEC.name, HOUR_H)
+    name = endpoint_name(SPEC.name)
     sagemaker = LocalSageMaker(work_root=str(tmp_path))
     try:
         scored_by, batch = score_hour("active", launched_by_sensor=False)
@@ -285,6 +285,17 @@ def test_hourly_scores_through_a_warm_endpoint_equal_the_batch_transform(graph, 
         assert score_hour("active", False, hourly_endpoint=HourlyEndpoint.ALWAYS)[1].equals(warm)
         assert sagemaker.describe_endpoint(name) == endpoint  # the second hour used the warm process
         assert score_hour("cohort", launched_by_sensor=True)[0] == "batch transform"  # daily runs stay batch transforms
+        # Once a newer model is in force, rescoring this hour (late events) with its own older model is a batch
+        # transform: the endpoint keeps serving the newest model to the hourly runs calling it.
+        newer = HOUR_H + HOUR
+        for asset in ("model", "calibrator"):
+            shutil.copytree(storage.path(*layout.prediction_asset(SPEC.name, asset, HOUR_H)), storage.path(*layout.prediction_asset(SPEC.name, asset, newer)))
+        try:
+            assert score_hour("active", launched_by_sensor=True)[0] == "batch transform"
+        finally:
+            for asset in ("model", "calibrator"):
+                storage.remove(*layout.prediction_asset(SPEC.name, asset, newer))
+        assert sagemaker.describe_endpoint(name) == endpoint
     finally:
         stopped = sagemaker.delete_endpoint(name)
     assert stopped

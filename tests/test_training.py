@@ -29,7 +29,6 @@ from automl_assets.core.metrics import summarise
 from automl_assets.core.splits import split_users, user_fraction
 from automl_assets.core.tfrecord import import_tensorflow, tfrecord_dataset, write_tfrecord
 from resources.sagemaker import Endpoint, HourlyEndpoint, LocalSageMaker
-from tests.conftest import utc
 from automl_assets.core.training import (
     ENSEMBLE,
     META_FILE,
@@ -738,34 +737,22 @@ def test_an_endpoint_whose_deploy_is_interrupted_is_not_left_running(trained_job
 
 
 def test_cli_lists_and_stops_endpoints(trained_job, tmp_path, monkeypatch, capsys):
-    """Each model has an endpoint of its own, named for its prediction and training hour; a prediction's name stops
-    all of its models' endpoints and none of another prediction whose name it begins."""
     from automl_assets.cli import main
-    from automl_assets.scores import endpoint_name
 
     monkeypatch.setenv("AUTOML_SAGEMAKER_ROOT", str(tmp_path))
     sagemaker = LocalSageMaker(work_root=str(tmp_path))
-    older, newer, other = endpoint_name("buy_7d", utc(2026, 3, 1, 23)), endpoint_name("buy_7d", utc(2026, 3, 2, 23)), endpoint_name("buy", utc(2026, 3, 2, 23))
-    assert (older, other) == ("automl-buy-7d-2026-03-01t23", "automl-buy-2026-03-02t23")
-    long_name = endpoint_name("b" * 63, utc(2026, 3, 2, 23))
-    assert len(long_name) == 63 and long_name != endpoint_name("b" * 62 + "c", utc(2026, 3, 2, 23))
     try:
         assert main(["endpoints"]) == 0
         assert "no endpoint is running" in capsys.readouterr().out
-        endpoints = {name: sagemaker.deploy(name, trained_job[0] / "model", print) for name in (older, newer, other)}
+        endpoint = sagemaker.deploy("automl-buy-7d", trained_job[0] / "model", print)
         capsys.readouterr()
         assert main(["endpoints"]) == 0
-        assert f"{older}  {endpoints[older].url}  pid {endpoints[older].pid}" in capsys.readouterr().out
-        assert main(["endpoints", "--stop", "buy_7d"]) == 0
-        assert capsys.readouterr().out == f"{older}: stopped\n{newer}: stopped\n"
-        assert sagemaker.endpoint_names() == [other]
-        assert main(["endpoints", "--stop", "nothing"]) == 2
+        assert f"automl-buy-7d  {endpoint.url}  pid {endpoint.pid}" in capsys.readouterr().out
         assert main(["endpoints", "--stop", "all"]) == 0
-        assert capsys.readouterr().out == f"{other}: stopped\n"
-        assert sagemaker.describe_endpoint(other) is None
+        assert capsys.readouterr().out == "automl-buy-7d: stopped\n"
+        assert sagemaker.describe_endpoint("automl-buy-7d") is None
     finally:
-        for name in (older, newer, other):
-            sagemaker.delete_endpoint(name)
+        sagemaker.delete_endpoint("automl-buy-7d")
 
 
 @pytest.mark.parametrize(
