@@ -4,6 +4,9 @@ the rows of every training snapshot, with a `snapshot` column (weeks back from t
 
 import dagster as dg
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from automl_assets import checks
 from automl_assets.cohort import cohort
@@ -41,28 +44,36 @@ def matrix_sql(sql, cohort_path: str, columns, absent: dict[str, float]) -> str:
 
 
 def matrix_for_model(engine: EngineResource, storage, run: PredictionRun, role: tuple[str, ...], cutoff, model_taxonomy: dict,
-                     parts: tuple[str, ...], log) -> str:
-    """The folder of the matrix of `role`'s cohort as of `cutoff` with the features a model was trained on
-    (`model_taxonomy`): the partition's own inference matrix when that is it; else written at `parts`, from the
-    partition's feature rows of `role` when the taxonomies agree, or rebuilt with the model's taxonomy by the same
-    code when they do not (scoring with a model whose retrain was not promoted; the model in force at the promotion
-    gate)."""
+                     parts: tuple[str, ...], log, users=None) -> str:
+    """The folder of the matrix of `role`'s cohort (only `users` of it, when given) as of `cutoff` with the features
+    a model was trained on (`model_taxonomy`): the partition's own inference matrix when that is it; else written at
+    `parts`, from the partition's feature rows of `role` when the taxonomies agree, or rebuilt with the model's
+    taxonomy by the same code when they do not (scoring with a model whose retrain was not promoted; the model in
+    force at the promotion gate, on the held-out users)."""
     same_taxonomy = model_taxonomy == storage.read_json(*run.parts("taxonomy", TAXONOMY_FILE))["taxonomy"]
-    if same_taxonomy and role == INFER:
+    if same_taxonomy and role == INFER and users is None:
         return storage.path(*matrix_parts(run, *INFER))
     sql = engine.engine()
-    if same_taxonomy:
-        stored = storage.read_json(*run.parts("feature_aggregates", COLUMNS_FILE))
-        sql.register_parquet("features", storage.path(*run.parts("feature_aggregates", *role)))
-        columns, absent = stored["columns"], stored["absent"]
-    else:
-        log(f"the model was trained on another taxonomy than {run.prediction}'s at this hour: rebuilding its features")
-        chosen = Taxonomy.from_dict(model_taxonomy)
-        sql.register_rollups(storage, hours_between(cutoff - chosen.lookback, cutoff))
-        query = cohort_features_query(sql, storage, run, role, chosen, cutoff)
-        sql.register_query("features", query.sql)
-        columns, absent = query.columns, query.absent
-    sql.write(matrix_sql(sql, storage.path(*run.parts("cohort", *role)), columns, absent), storage, parts)
+    with storage.temp_dir() as temp:
+        cohort_path = storage.path(*run.parts("cohort", *role))
+        if users is not None:
+            cohort = pq.read_table(cohort_path)
+            wanted = pc.is_in(cohort["user_id"], pa.array(users, cohort.schema.field("user_id").type))
+            (temp / "cohort").mkdir()  # a folder of parquet files, as the engines register them
+            pq.write_table(cohort.filter(wanted), temp / "cohort" / "part-0.parquet")
+            cohort_path = str(temp / "cohort")
+        if same_taxonomy:
+            stored = storage.read_json(*run.parts("feature_aggregates", COLUMNS_FILE))
+            sql.register_parquet("features", storage.path(*run.parts("feature_aggregates", *role)))
+            columns, absent = stored["columns"], stored["absent"]
+        else:
+            log(f"the model was trained on another taxonomy than {run.prediction}'s at this hour: rebuilding its features")
+            chosen = Taxonomy.from_dict(model_taxonomy)
+            sql.register_rollups(storage, hours_between(cutoff - chosen.lookback, cutoff))
+            query = cohort_features_query(sql, cohort_path, chosen, cutoff)
+            sql.register_query("features", query.sql)
+            columns, absent = query.columns, query.absent
+        sql.write(matrix_sql(sql, cohort_path, columns, absent), storage, parts)
     return storage.path(*parts)
 
 

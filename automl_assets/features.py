@@ -22,10 +22,10 @@ def load_taxonomy(storage, run: PredictionRun) -> Taxonomy:
     return Taxonomy.from_dict(storage.read_json(*run.parts("taxonomy", TAXONOMY_FILE))["taxonomy"])
 
 
-def cohort_features_query(sql, storage, run: PredictionRun, role: tuple[str, ...], chosen: Taxonomy, cutoff: datetime) -> FeatureQuery:
-    """The feature rows of the cohort of `role` as of `cutoff` over the registered rollup views: only the cohort's
-    users are aggregated (a capped training cohort, or the users active in the hour on an hourly run)."""
-    sql.register_parquet("cohort", storage.path(*run.parts("cohort", *role)))
+def cohort_features_query(sql, cohort_path: str, chosen: Taxonomy, cutoff: datetime) -> FeatureQuery:
+    """The feature rows of the cohort at `cohort_path` as of `cutoff` over the registered rollup views: only the
+    cohort's users are aggregated (a capped training cohort, or the users active in the hour on an hourly run)."""
+    sql.register_parquet("cohort", cohort_path)
     return feature_query(chosen, epoch_hour(cutoff), users="cohort")
 
 
@@ -48,7 +48,7 @@ def feature_aggregates(
     sql.register_rollups(storage, hours_between(min(cutoffs.values()) - chosen.lookback, run.times.as_of))
     rows = {}
     for role, cutoff in cutoffs.items():
-        query = cohort_features_query(sql, storage, run, role, chosen, cutoff)
+        query = cohort_features_query(sql, storage.path(*run.parts("cohort", *role)), chosen, cutoff)
         rows[role] = sql.write(query.sql, storage, run.parts("feature_aggregates", *role))
     columns = query.columns
     storage.write_json({"columns": list(columns), "absent": query.absent}, *run.parts("feature_aggregates", COLUMNS_FILE))
