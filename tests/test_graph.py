@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from automl_assets.core import layout
+from automl_assets.core import layout, quality
 from automl_assets.core.calibration import Calibrator
 from automl_assets.core.metrics import auc
 from automl_assets.core.spec import parse_spec
@@ -194,7 +194,7 @@ def test_a_model_trained_on_another_taxonomy_scores_the_features_it_was_trained_
     pd.testing.assert_frame_equal(read(storage, "scores", "scores.parquet"), before)
 
 
-def test_the_promotion_gate_scores_the_model_in_force_again_on_the_new_held_out_users(graph):
+def test_the_promotion_gate_scores_the_model_in_force_again_on_the_new_held_out_users(graph, monkeypatch):
     """The gate does not take the number the model in force recorded on its own label window as the bar (here a
     lucky 0.01, which no model could beat): it scores that model again on the new model's held-out users, with the
     features of its own taxonomy. The model in force here is this hour's model copied to a day earlier, so the two
@@ -220,6 +220,15 @@ def test_the_promotion_gate_scores_the_model_in_force_again_on_the_new_held_out_
             assert decision["in_force_auc"] == pytest.approx(decision["auc"], rel=1e-9)
             assert decision["compared_on_users"] == len(read(storage, "model", "output", "validation_predictions.parquet"))
             assert not storage.exists(*layout.prediction_asset(SPEC.name, "model", HOUR_H, "gate_matrix"))
+        # A new model clearly worse than the model in force (here: the margin asks for one half as lossy) is not
+        # promoted, and the model in force goes on scoring the hour.
+        with monkeypatch.context() as patch:
+            patch.setattr(quality, "PROMOTION_MARGIN", -0.5)
+            result = dg.materialize(retrain, instance=instance, resources=resources(root, engine), partition_key=prediction_hour_key(SPEC.name, HOUR_H))
+        assert result.success
+        decision = storage.read_json(*layout.prediction_asset(SPEC.name, "model", HOUR_H, "promotion.json"))
+        assert not decision["promoted"] and "more than" in decision["reason"], decision
+        assert model_in_force(storage, SPEC.name, HOUR_H) == earlier
         # A model in force that cannot be loaded any more does not stop the retrain that replaces it.
         storage.remove(*layout.prediction_asset(SPEC.name, "model", earlier, "model"))
         result = dg.materialize(retrain, instance=instance, resources=resources(root, engine), partition_key=prediction_hour_key(SPEC.name, HOUR_H))
