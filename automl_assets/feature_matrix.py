@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 
 from automl_assets import checks
 from automl_assets.cohort import cohort
-from automl_assets.core import event_store
+from automl_assets.core import event_store, layout
 from automl_assets.core.feature_sql import Taxonomy, matrix_query, training_matrix_query
 from automl_assets.core.tfrecord import write_tfrecord
 from automl_assets.core.timewin import hours_between
@@ -43,13 +43,14 @@ def matrix_sql(sql, cohort_path: str, columns, absent: dict[str, float]) -> str:
     return matrix_query(tuple(columns), absent)
 
 
-def matrix_for_model(engine: EngineResource, storage, run: PredictionRun, role: tuple[str, ...], cutoff, model_taxonomy: dict,
+def matrix_for_model(engine: EngineResource, storage, run: PredictionRun, role: tuple[str, ...], cutoff, trained_at,
                      parts: tuple[str, ...], log, users=None) -> str:
     """The folder of the matrix of `role`'s cohort (only `users` of it, when given) as of `cutoff` with the features
-    a model was trained on (`model_taxonomy`): the partition's own inference matrix when that is it; else written at
-    `parts`, from the partition's feature rows of `role` when the taxonomies agree, or rebuilt with the model's
-    taxonomy by the same code when they do not (scoring with a model whose retrain was not promoted; the model in
-    force at the promotion gate, on the held-out users)."""
+    the prediction's model trained at `trained_at` was trained on: the partition's own inference matrix when that is
+    it; else written at `parts`, from the partition's feature rows of `role` when the taxonomies agree, or rebuilt
+    with the model's taxonomy by the same code when they do not (scoring with a model whose retrain was not
+    promoted; the model in force at the promotion gate, on the held-out users)."""
+    model_taxonomy = storage.read_json(*layout.prediction_asset(run.prediction, "model", trained_at, TAXONOMY_FILE))["taxonomy"]
     same_taxonomy = model_taxonomy == storage.read_json(*run.parts("taxonomy", TAXONOMY_FILE))["taxonomy"]
     if same_taxonomy and role == INFER and users is None:
         return storage.path(*matrix_parts(run, *INFER))

@@ -92,8 +92,7 @@ def in_force_on_held_out(storage, engine, sagemaker, run: PredictionRun, trained
     gate_matrix = run.parts("model", "gate_matrix")
     try:
         matrix_dir = matrix_for_model(
-            engine, storage, run, snapshot_role(newest), newest.cutoff, storage.read_json(*in_force(TAXONOMY_FILE))["taxonomy"],
-            gate_matrix, log, users=held_out["user_id"],
+            engine, storage, run, snapshot_role(newest), newest.cutoff, trained_at, gate_matrix, log, users=held_out["user_id"]
         )
         raw = raw_scores(sagemaker, storage.path(*in_force("model")), matrix_dir, held_out, None, job_name(run, "gate"), log)
     finally:

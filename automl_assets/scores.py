@@ -116,9 +116,8 @@ def scores(
             f"the cohort and feature matrix of {run.prediction} at {run.hour.isoformat()} hold only the users active "
             f"in the hour: materialise the `{PREDICTION_GROUP}` group from `cohort` with the run tag {SCOPE_TAG}=cohort."
         )
-    model_taxonomy = storage.read_json(*layout.prediction_asset(run.prediction, "model", trained_at, TAXONOMY_FILE))["taxonomy"]
     matrix_dir = matrix_for_model(
-        engine, storage, run, INFER, run.times.as_of, model_taxonomy, run.parts("scores", "matrix"), context.log.warning
+        engine, storage, run, INFER, run.times.as_of, trained_at, run.parts("scores", "matrix"), context.log.warning
     )
     # Only the prediction's newest model is served warm: a run rescoring an older hour with the model in force then
     # (late events after a retrain) is a batch transform, so it neither redeploys the prediction's one endpoint with
