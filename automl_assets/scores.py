@@ -28,7 +28,7 @@ from automl_assets.predictions import (
     scoring_scope,
 )
 from automl_assets.taxonomy import PREDICTION_GROUP, TAXONOMY_FILE
-from resources.sagemaker import LocalSageMaker
+from resources.sagemaker import EndpointUnreachable, LocalSageMaker
 from resources.engine import EngineResource
 from resources.storage import LocalStorage
 
@@ -135,7 +135,15 @@ def scores(
         matrix = matrix[matrix["active_last_hour"] == 1]
         expected = matrix["user_id"]
     model_dir = storage.path(*layout.prediction_asset(run.prediction, "model", trained_at, "model"))
-    raw = raw_scores(sagemaker, model_dir, matrix_dir, matrix, endpoint, job_name(run, "transform"), context.log.info)
+    scored_by = f"endpoint {endpoint}" if endpoint else "batch transform"
+    try:
+        raw = raw_scores(sagemaker, model_dir, matrix_dir, matrix, endpoint, job_name(run, "transform"), context.log.info)
+    except EndpointUnreachable as error:
+        # A retrain promoted meanwhile replaces the prediction's one endpoint under the runs calling it: this run's
+        # model is still on disk, so the hour is scored all the same.
+        context.log.warning(f"{error} Scoring this run by a batch transform instead.")
+        scored_by = f"batch transform (endpoint {endpoint} did not answer)"
+        raw = raw_scores(sagemaker, model_dir, matrix_dir, matrix, None, job_name(run, "transform"), context.log.info)
     score = Calibrator.from_dict(stored["calibrator"]).predict(raw)
     result = pd.DataFrame(
         {
@@ -158,7 +166,7 @@ def scores(
     return dg.MaterializeResult(
         metadata={
             "scope": scope,
-            "scored_by": f"endpoint {endpoint}" if endpoint else "batch transform",
+            "scored_by": scored_by,
             "users_scored": len(result),
             "model_version": version,
             "mean_score": float(score.mean()) if len(score) else 0.0,

@@ -50,6 +50,11 @@ class HourlyEndpoint(enum.Enum):
     NEVER = "never"
 
 
+class EndpointUnreachable(dg.Failure):
+    """The endpoint did not answer a request (stopped, replaced by a deploy of a newer model, or hung): the caller
+    may score the same rows another way."""
+
+
 @dataclass(frozen=True)
 class Endpoint:
     name: str
@@ -325,9 +330,9 @@ class LocalSageMaker(dg.ConfigurableResource):
             raise dg.Failure(f"endpoint {endpoint.name} refused the request ({error.code}): {error.read().decode()}") from error
         except OSError as error:  # refused, reset or timed out: the process died or hangs
             log_file = self._endpoints_dir() / endpoint.name / "endpoint.log"
-            raise dg.Failure(
+            raise EndpointUnreachable(
                 f"endpoint {endpoint.name} at {endpoint.url} did not answer ({error}); its log is {log_file}. "
-                "Re-run: the next run deploys it again."
+                "The next deploy starts it again."
             ) from error
 
     def delete_endpoint(self, name: str) -> bool:

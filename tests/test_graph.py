@@ -305,9 +305,23 @@ def test_hourly_scores_through_a_warm_endpoint_equal_the_batch_transform(graph, 
             for asset in ("model", "calibrator"):
                 storage.remove(*layout.prediction_asset(SPEC.name, asset, newer))
         assert sagemaker.describe_endpoint(name) == endpoint
+        # A retrain promoted while an hourly run is about to call the endpoint replaces it under that run: the run
+        # scores its hour by a batch transform instead of failing.
+        deploy = LocalSageMaker.deploy
+
+        def replaced_right_after_deploy(self, *args, **kwargs):
+            deployed = deploy(self, *args, **kwargs)
+            self.delete_endpoint(deployed.name)
+            return deployed
+
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(LocalSageMaker, "deploy", replaced_right_after_deploy)
+            scored_by, fallback = score_hour("active", launched_by_sensor=True)
+        assert scored_by == f"batch transform (endpoint {name} did not answer)"
+        assert fallback.equals(batch)
     finally:
         stopped = sagemaker.delete_endpoint(name)
-    assert stopped
+    assert not stopped  # the last run's endpoint was stopped under it
     assert 0 < len(warm) < len(read(storage, "cohort", "infer"))
     pd.testing.assert_frame_equal(warm, batch, rtol=1e-5)  # float32 networks on other batch shapes
 
