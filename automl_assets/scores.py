@@ -28,7 +28,7 @@ from automl_assets.predictions import (
     scoring_scope,
 )
 from automl_assets.taxonomy import PREDICTION_GROUP, TAXONOMY_FILE
-from resources.sagemaker import EndpointUnreachable, LocalSageMaker
+from resources.sagemaker import EndpointUnavailable, LocalSageMaker
 from resources.engine import EngineResource
 from resources.storage import LocalStorage
 
@@ -138,11 +138,11 @@ def scores(
     scored_by = f"endpoint {endpoint}" if endpoint else "batch transform"
     try:
         raw = raw_scores(sagemaker, model_dir, matrix_dir, matrix, endpoint, job_name(run, "transform"), context.log.info)
-    except EndpointUnreachable as error:
-        # A retrain promoted meanwhile replaces the prediction's one endpoint under the runs calling it: this run's
-        # model is still on disk, so the hour is scored all the same.
+    except EndpointUnavailable as error:
+        # The endpoint only saves time: one that does not come up, or that a retrain promoted meanwhile replaced under
+        # this run, must not leave the hour unscored while its model is on disk.
         context.log.warning(f"{error} Scoring this run by a batch transform instead.")
-        scored_by = f"batch transform (endpoint {endpoint} did not answer)"
+        scored_by = f"batch transform (endpoint {endpoint} unavailable)"
         raw = raw_scores(sagemaker, model_dir, matrix_dir, matrix, None, job_name(run, "transform"), context.log.info)
     score = Calibrator.from_dict(stored["calibrator"]).predict(raw)
     result = pd.DataFrame(

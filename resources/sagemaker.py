@@ -50,9 +50,9 @@ class HourlyEndpoint(enum.Enum):
     NEVER = "never"
 
 
-class EndpointUnreachable(dg.Failure):
-    """The endpoint did not answer a request (stopped, replaced by a deploy of a newer model, or hung): the caller
-    may score the same rows another way."""
+class EndpointUnavailable(dg.Failure):
+    """The endpoint did not come up, or did not answer a request (stopped, replaced by a deploy of a newer model, or
+    hung); not a model that refuses the rows. The caller may score the same rows another way."""
 
 
 @dataclass(frozen=True)
@@ -300,7 +300,7 @@ class LocalSageMaker(dg.ConfigurableResource):
                 exited = _exited(pid)  # reaped: its pid may be another process's from now on
                 if exited or time.monotonic() > deadline:
                     reason = failure.read_text().strip() if failure.exists() else f"see {log_file}"
-                    raise dg.Failure(f"endpoint {name} did not come up serving {model_dir}: {reason}")
+                    raise EndpointUnavailable(f"endpoint {name} did not come up serving {model_dir}: {reason}")
                 time.sleep(0.1)
         except BaseException:
             # Also when the run is terminated meanwhile: no state file names the process yet, so nothing else could
@@ -311,7 +311,7 @@ class LocalSageMaker(dg.ConfigurableResource):
             raise
         started = _process_start(pid)
         if started is None:
-            raise dg.Failure(f"endpoint {name} exited right after answering /ping: see {log_file}")
+            raise EndpointUnavailable(f"endpoint {name} exited right after answering /ping: see {log_file}")
         endpoint = Endpoint(name, url, pid, started, str(model_dir), version)
         _write_atomically(self._endpoints_dir() / f"{name}.json", json.dumps(asdict(endpoint)))
         return endpoint
@@ -330,7 +330,7 @@ class LocalSageMaker(dg.ConfigurableResource):
             raise dg.Failure(f"endpoint {endpoint.name} refused the request ({error.code}): {error.read().decode()}") from error
         except OSError as error:  # refused, reset or timed out: the process died or hangs
             log_file = self._endpoints_dir() / endpoint.name / "endpoint.log"
-            raise EndpointUnreachable(
+            raise EndpointUnavailable(
                 f"endpoint {endpoint.name} at {endpoint.url} did not answer ({error}); its log is {log_file}. "
                 "The next deploy starts it again."
             ) from error

@@ -20,6 +20,7 @@ from automl_assets.predictions import SCOPE_TAG, model_in_force, register_predic
 from automl_assets.runs import RANGE_END_TAG, RANGE_START_TAG
 from automl_assets.scores import endpoint_name
 from resources.environments import ENGINES, resources_for_env
+from resources import sagemaker as sagemaker_resource
 from resources.sagemaker import HourlyEndpoint, LocalSageMaker
 from resources.storage import LocalStorage
 from tests.conftest import utc
@@ -306,7 +307,7 @@ def test_hourly_scores_through_a_warm_endpoint_equal_the_batch_transform(graph, 
                 storage.remove(*layout.prediction_asset(SPEC.name, asset, newer))
         assert sagemaker.describe_endpoint(name) == endpoint
         # A retrain promoted while an hourly run is about to call the endpoint replaces it under that run: the run
-        # scores its hour by a batch transform instead of failing.
+        # scores its hour by a batch transform with its own model instead of failing.
         deploy = LocalSageMaker.deploy
 
         def replaced_right_after_deploy(self, *args, **kwargs):
@@ -317,8 +318,13 @@ def test_hourly_scores_through_a_warm_endpoint_equal_the_batch_transform(graph, 
         with pytest.MonkeyPatch.context() as patch:
             patch.setattr(LocalSageMaker, "deploy", replaced_right_after_deploy)
             scored_by, fallback = score_hour("active", launched_by_sensor=True)
-        assert scored_by == f"batch transform (endpoint {name} did not answer)"
-        assert fallback.equals(batch)
+        assert scored_by == f"batch transform (endpoint {name} unavailable)" and fallback.equals(batch)
+        # So does one whose endpoint does not come up in time.
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(sagemaker_resource, "DEPLOY_TIMEOUT_SECONDS", 0)
+            scored_by, fallback = score_hour("active", launched_by_sensor=True)
+        assert scored_by == f"batch transform (endpoint {name} unavailable)" and fallback.equals(batch)
+        assert sagemaker.describe_endpoint(name) is None  # the process that was starting was stopped
     finally:
         stopped = sagemaker.delete_endpoint(name)
     assert not stopped  # the last run's endpoint was stopped under it
