@@ -135,15 +135,17 @@ def scores(
         matrix = matrix[matrix["active_last_hour"] == 1]
         expected = matrix["user_id"]
     model_dir = storage.path(*layout.prediction_asset(run.prediction, "model", trained_at, "model"))
-    scored_by = f"endpoint {endpoint}" if endpoint else "batch transform"
+    transform = job_name(run, "transform")
+    scored_by, fallback = f"endpoint {endpoint}" if endpoint else "batch transform", {}
     try:
-        raw = raw_scores(sagemaker, model_dir, matrix_dir, matrix, endpoint, job_name(run, "transform"), context.log.info)
+        raw = raw_scores(sagemaker, model_dir, matrix_dir, matrix, endpoint, transform, context.log.info)
     except EndpointUnavailable as error:
         # The endpoint only saves time: one that does not come up, or that a retrain promoted meanwhile replaced under
         # this run, must not leave the hour unscored while its model is on disk.
-        context.log.warning(f"{error} Scoring this run by a batch transform instead.")
-        scored_by = f"batch transform (endpoint {endpoint} unavailable)"
-        raw = raw_scores(sagemaker, model_dir, matrix_dir, matrix, None, job_name(run, "transform"), context.log.info)
+        context.log.warning(f"{error}; scoring this run by a batch transform instead")
+        scored_by, fallback = f"batch transform (endpoint {endpoint} unavailable)", {"endpoint_error": str(error)}
+    if fallback:  # outside the handler: a transform that fails too reports its own error alone
+        raw = raw_scores(sagemaker, model_dir, matrix_dir, matrix, None, transform, context.log.info)
     score = Calibrator.from_dict(stored["calibrator"]).predict(raw)
     result = pd.DataFrame(
         {
@@ -167,6 +169,7 @@ def scores(
         metadata={
             "scope": scope,
             "scored_by": scored_by,
+            **fallback,
             "users_scored": len(result),
             "model_version": version,
             "mean_score": float(score.mean()) if len(score) else 0.0,

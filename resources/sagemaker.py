@@ -9,6 +9,7 @@ deployed it, until it is deleted or stays idle for `endpoint_idle_minutes`."""
 import contextlib
 import enum
 import hashlib
+import http.client
 import io
 import json
 import os
@@ -29,10 +30,10 @@ import dagster as dg
 import pandas as pd
 from pydantic import Field
 
+from automl_assets.core.sagemaker_entry import ENDPOINT_PID_HEADER, PARQUET
 from resources.storage import file_lock
 
 ENTRY_MODULE = "automl_assets.core.sagemaker_entry"
-PARQUET = "application/x-parquet"
 PING_ATTEMPTS = 3
 DEPLOY_TIMEOUT_SECONDS = 120  # loading a model imports scikit-learn and LiteRT: seconds, not minutes
 INVOKE_TIMEOUT_SECONDS = 300
@@ -88,14 +89,14 @@ def _exited(pid: int) -> bool:
         return _process_start(pid) is None
 
 
-def _answers_ping(url: str, attempts: int = 1) -> bool:
-    """Whether /ping answers 200 within 2 s, trying `attempts` times while it times out. An endpoint serves one request
-    at a time, so a ping can wait behind another run's request or a busy machine; one that refuses the connection is
-    not tried again."""
+def _answers_ping(url: str, pid: int, attempts: int = 1) -> bool:
+    """Whether the process `pid` answers /ping with 200 within 2 s at `url`, trying `attempts` times while it times out.
+    An endpoint serves one request at a time, so a ping can wait behind another run's request or a busy machine; one
+    that refuses the connection, or whose address another process answers, is not tried again."""
     for _ in range(attempts):
         try:
             with urllib.request.urlopen(f"{url}/ping", timeout=2) as response:
-                return response.status == 200
+                return response.status == 200 and response.headers.get(ENDPOINT_PID_HEADER) == str(pid)
         except OSError as error:  # urllib wraps a connect timeout in URLError, not a read timeout
             if not isinstance(getattr(error, "reason", error), TimeoutError):
                 return False
@@ -238,7 +239,7 @@ class LocalSageMaker(dg.ConfigurableResource):
         if _process_start(endpoint.pid) != endpoint.started:
             return None
         # Without /proc a live pid may be another process's: only one that answers is taken for the endpoint.
-        return endpoint if endpoint.started != "running" or _answers_ping(endpoint.url) else None
+        return endpoint if endpoint.started != "running" or _answers_ping(endpoint.url, endpoint.pid) else None
 
     @contextmanager
     def _locked(self, name: str) -> Iterator[None]:
@@ -247,11 +248,12 @@ class LocalSageMaker(dg.ConfigurableResource):
             yield
 
     def describe_endpoint(self, name: str) -> Endpoint | None:
-        """The endpoint of that name if it is up (its process runs and answers /ping), else None."""
+        """The endpoint of that name if it is up (its process runs and answers /ping), else None: also when its address
+        answers without naming the endpoint's process, as one started by a version without that header does."""
         endpoint = self._state(name)
         # An endpoint is declared down, and replaced by the next deploy, only after PING_ATTEMPTS pings in a row
         # time out: replacing a busy one would fail the run whose request it is serving.
-        return endpoint if endpoint and _answers_ping(endpoint.url, PING_ATTEMPTS) else None
+        return endpoint if endpoint and _answers_ping(endpoint.url, endpoint.pid, PING_ATTEMPTS) else None
 
     def deploy(self, name: str, model_dir: Path, log: Callable[[str], None]) -> Endpoint:
         """The endpoint `name` serving `model_dir`: the running one when it already serves that model as it is on disk,
@@ -296,11 +298,12 @@ class LocalSageMaker(dg.ConfigurableResource):
         )
         deadline, exited = time.monotonic() + DEPLOY_TIMEOUT_SECONDS, False
         try:
-            while not (port_file.exists() and _answers_ping(url := f"http://127.0.0.1:{port_file.read_text()}")):
+            while not (port_file.exists() and _answers_ping(url := f"http://127.0.0.1:{port_file.read_text()}", pid)):
                 exited = _exited(pid)  # reaped: its pid may be another process's from now on
+                if exited and failure.exists():  # the script could not serve this model: no other way would
+                    raise dg.Failure(f"endpoint {name} did not come up serving {model_dir}: {failure.read_text().strip()}")
                 if exited or time.monotonic() > deadline:
-                    reason = failure.read_text().strip() if failure.exists() else f"see {log_file}"
-                    raise EndpointUnavailable(f"endpoint {name} did not come up serving {model_dir}: {reason}")
+                    raise EndpointUnavailable(f"endpoint {name} did not come up serving {model_dir}: see {log_file}")
                 time.sleep(0.1)
         except BaseException:
             # Also when the run is terminated meanwhile: no state file names the process yet, so nothing else could
@@ -311,6 +314,7 @@ class LocalSageMaker(dg.ConfigurableResource):
             raise
         started = _process_start(pid)
         if started is None:
+            _exited(pid)  # reap it
             raise EndpointUnavailable(f"endpoint {name} exited right after answering /ping: see {log_file}")
         endpoint = Endpoint(name, url, pid, started, str(model_dir), version)
         _write_atomically(self._endpoints_dir() / f"{name}.json", json.dumps(asdict(endpoint)))
@@ -325,15 +329,20 @@ class LocalSageMaker(dg.ConfigurableResource):
         )
         try:
             with urllib.request.urlopen(request, timeout=INVOKE_TIMEOUT_SECONDS) as response:
-                return pd.read_parquet(io.BytesIO(response.read()))
+                answered_by, body = response.headers.get(ENDPOINT_PID_HEADER), response.read()
         except urllib.error.HTTPError as error:
             raise dg.Failure(f"endpoint {endpoint.name} refused the request ({error.code}): {error.read().decode()}") from error
-        except OSError as error:  # refused, reset or timed out: the process died or hangs
+        except (OSError, http.client.HTTPException) as error:  # refused, reset, cut short or timed out
             log_file = self._endpoints_dir() / endpoint.name / "endpoint.log"
             raise EndpointUnavailable(
-                f"endpoint {endpoint.name} at {endpoint.url} did not answer ({error}); its log is {log_file}. "
-                "The next deploy starts it again."
+                f"endpoint {endpoint.name} at {endpoint.url} did not answer ({error!r}); its log is {log_file}"
             ) from error
+        if answered_by != str(endpoint.pid):
+            raise EndpointUnavailable(
+                f"another process (pid {answered_by}) answered at {endpoint.url}, not endpoint {endpoint.name} (pid "
+                f"{endpoint.pid}): it was replaced meanwhile"
+            )
+        return pd.read_parquet(io.BytesIO(body))
 
     def delete_endpoint(self, name: str) -> bool:
         """Stops the endpoint, also one that no longer answers; False when none was running."""

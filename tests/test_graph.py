@@ -1,5 +1,6 @@
 """The whole asset graph for one partition, through Dagster, on tiny synthetic data with a planted signal."""
 
+import os
 import shutil
 from pathlib import Path
 
@@ -20,7 +21,6 @@ from automl_assets.predictions import SCOPE_TAG, model_in_force, register_predic
 from automl_assets.runs import RANGE_END_TAG, RANGE_START_TAG
 from automl_assets.scores import endpoint_name
 from resources.environments import ENGINES, resources_for_env
-from resources import sagemaker as sagemaker_resource
 from resources.sagemaker import HourlyEndpoint, LocalSageMaker
 from resources.storage import LocalStorage
 from tests.conftest import utc
@@ -265,7 +265,7 @@ def test_a_scoring_run_reads_the_lookback_of_the_model_in_force(graph):
     pd.testing.assert_frame_equal(after, before)
 
 
-def test_hourly_scores_through_a_warm_endpoint_equal_the_batch_transform(graph, tmp_path):
+def test_hourly_scores_through_a_warm_endpoint_equal_the_batch_transform(graph, tmp_path, monkeypatch):
     """By default only runs a sensor or schedule launches (the hourly chain) keep an endpoint warm, serving the
     prediction's newest model; a run started by hand is a batch transform and leaves no process behind."""
     instance, root, storage, engine = graph
@@ -315,19 +315,23 @@ def test_hourly_scores_through_a_warm_endpoint_equal_the_batch_transform(graph, 
             self.delete_endpoint(deployed.name)
             return deployed
 
-        with pytest.MonkeyPatch.context() as patch:
+        with monkeypatch.context() as patch:
             patch.setattr(LocalSageMaker, "deploy", replaced_right_after_deploy)
             scored_by, fallback = score_hour("active", launched_by_sensor=True)
         assert scored_by == f"batch transform (endpoint {name} unavailable)" and fallback.equals(batch)
-        # So does one whose endpoint does not come up in time.
-        with pytest.MonkeyPatch.context() as patch:
-            patch.setattr(sagemaker_resource, "DEPLOY_TIMEOUT_SECONDS", 0)
+        # So does one whose endpoint does not come up in time, and the process that was starting is stopped.
+        spawned, spawn = [], os.posix_spawn
+        with monkeypatch.context() as patch:
+            patch.setattr("resources.sagemaker.DEPLOY_TIMEOUT_SECONDS", 0)
+            patch.setattr(os, "posix_spawn", lambda *args, **kwargs: spawned.append(spawn(*args, **kwargs)) or spawned[-1])
             scored_by, fallback = score_hour("active", launched_by_sensor=True)
         assert scored_by == f"batch transform (endpoint {name} unavailable)" and fallback.equals(batch)
-        assert sagemaker.describe_endpoint(name) is None  # the process that was starting was stopped
+        assert len(spawned) == 1
+        with pytest.raises(ProcessLookupError):
+            os.kill(spawned[0], 0)
     finally:
         stopped = sagemaker.delete_endpoint(name)
-    assert not stopped  # the last run's endpoint was stopped under it
+    assert not stopped  # none is left: the last one was stopped under its run, and the next never came up
     assert 0 < len(warm) < len(read(storage, "cohort", "infer"))
     pd.testing.assert_frame_equal(warm, batch, rtol=1e-5)  # float32 networks on other batch shapes
 

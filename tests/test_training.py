@@ -28,7 +28,7 @@ from automl_assets.core.matrices import feature_array
 from automl_assets.core.metrics import summarise
 from automl_assets.core.splits import split_users, user_fraction
 from automl_assets.core.tfrecord import import_tensorflow, tfrecord_dataset, write_tfrecord
-from resources.sagemaker import Endpoint, HourlyEndpoint, LocalSageMaker
+from resources.sagemaker import Endpoint, EndpointUnavailable, HourlyEndpoint, LocalSageMaker
 from automl_assets.core.training import (
     ENSEMBLE,
     META_FILE,
@@ -614,14 +614,18 @@ def test_endpoint_serves_the_model_until_it_is_deleted(trained_job, tmp_path):
         request = urllib.request.Request(f"{endpoint.url}/invocations", data=body, headers={"Content-Type": "application/json"})
         with urllib.request.urlopen(request) as response:
             assert [row["user_id"] for row in json.loads(response.read())] == rows["user_id"].head(2).tolist()
-        with pytest.raises(dg.Failure, match=r"refused the request \(400\): KeyError"):
+        with pytest.raises(dg.Failure, match=r"refused the request \(400\): KeyError") as refused:
             sagemaker.invoke(endpoint, rows[["user_id"]])  # no feature columns
+        assert not isinstance(refused.value, EndpointUnavailable)  # the rows' fault: a batch transform would fail too
+        # An address now answered by another process (the endpoint replaced, its port taken) is not this endpoint.
+        with pytest.raises(EndpointUnavailable, match="another process .* answered"):
+            sagemaker.invoke(dataclasses.replace(endpoint, pid=endpoint.pid + 1), rows)
         stopped = sagemaker.delete_endpoint("test-endpoint")
     finally:
         sagemaker.delete_endpoint("test-endpoint")
     assert stopped and sagemaker.describe_endpoint("test-endpoint") is None
     assert not sagemaker.delete_endpoint("test-endpoint")
-    with pytest.raises(dg.Failure, match="test-endpoint at .* did not answer"):
+    with pytest.raises(EndpointUnavailable, match="test-endpoint at .* did not answer"):
         sagemaker.invoke(endpoint, rows)
 
 
@@ -707,8 +711,9 @@ def test_an_idle_endpoint_stops_itself_and_a_broken_one_says_why(trained_job, tm
         assert "no invocation for 3 s: stopping" in (tmp_path / "endpoints" / "idle" / "endpoint.log").read_text()
     finally:
         sagemaker.delete_endpoint("idle")
-    with pytest.raises(dg.Failure, match="did not come up serving .*missing: FileNotFoundError"):
+    with pytest.raises(dg.Failure, match="did not come up serving .*missing: FileNotFoundError") as broken:
         sagemaker.deploy("broken", tmp_path / "missing", print)
+    assert not isinstance(broken.value, EndpointUnavailable)  # the model cannot be loaded: a transform would fail too
 
 
 def test_an_endpoint_whose_deploy_is_interrupted_is_not_left_running(trained_job, tmp_path, monkeypatch):
@@ -723,7 +728,7 @@ def test_an_endpoint_whose_deploy_is_interrupted_is_not_left_running(trained_job
     spawn = os.posix_spawn
     monkeypatch.setattr(os, "posix_spawn", lambda *args, **kwargs: spawned.append(spawn(*args, **kwargs)) or spawned[-1])
 
-    def terminated_while_pinging(url, attempts=1):
+    def terminated_while_pinging(url, pid, attempts=1):
         raise Terminated
 
     monkeypatch.setattr(sagemaker_module, "_answers_ping", terminated_while_pinging)
@@ -734,6 +739,37 @@ def test_an_endpoint_whose_deploy_is_interrupted_is_not_left_running(trained_job
     with pytest.raises(ProcessLookupError):  # killed and reaped
         os.kill(spawned[0], 0)
     assert sagemaker.endpoint_names() == []
+
+
+def test_an_endpoint_that_does_not_name_its_process_is_replaced(trained_job, tmp_path):
+    """An endpoint started by a version whose replies lack the process header (or any server now on its address) is
+    not taken for the endpoint: deploy stops it and starts one that names itself, instead of reusing it forever."""
+    from resources.sagemaker import _model_version, _process_start
+
+    sagemaker = LocalSageMaker(work_root=str(tmp_path))
+    model_dir = (trained_job[0] / "model").resolve()
+    old = subprocess.Popen(
+        [sys.executable, "-c", "import http.server as h\n"
+         "class H(h.BaseHTTPRequestHandler):\n"
+         "    def do_GET(self): self.send_response(200); self.send_header('Content-Length', '0'); self.end_headers()\n"
+         "s = h.HTTPServer(('127.0.0.1', 0), H); print(s.server_address[1], flush=True); s.serve_forever()"],
+        stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        url = f"http://127.0.0.1:{old.stdout.readline().strip()}"
+        with urllib.request.urlopen(f"{url}/ping") as response:
+            assert response.status == 200  # it answers, as an endpoint of the older version did
+        state = Endpoint("upgraded", url, old.pid, _process_start(old.pid), str(model_dir), _model_version(model_dir))
+        (tmp_path / "endpoints").mkdir(parents=True)
+        (tmp_path / "endpoints" / "upgraded.json").write_text(json.dumps(dataclasses.asdict(state)))
+        assert sagemaker.describe_endpoint("upgraded") is None
+        replacement = sagemaker.deploy("upgraded", model_dir, print)
+        assert replacement.pid != old.pid and old.wait(timeout=10) is not None  # stopped by the deploy
+        assert sagemaker.invoke(replacement, trained_job[1].drop(columns="label").head(3))["user_id"].size == 3
+    finally:
+        sagemaker.delete_endpoint("upgraded")
+        old.kill()
+        old.wait()
 
 
 def test_cli_lists_and_stops_endpoints(trained_job, tmp_path, monkeypatch, capsys):

@@ -81,6 +81,9 @@ READ_AHEAD = 4
 SCORES_SCHEMA = pa.schema([("user_id", pa.string()), ("raw_score", pa.float64())])
 JSON = "application/json"
 PARQUET = "application/x-parquet"
+# Each reply names the process that answered: a client holding an older endpoint's address (replaced meanwhile, its
+# port taken by another server) can tell it is not talking to the endpoint it deployed.
+ENDPOINT_PID_HEADER = "X-Automl-Endpoint-Pid"
 SERVE_PORT = 8080  # where SageMaker sends a container's /ping and /invocations unless SAGEMAKER_BIND_TO_PORT says
 
 
@@ -227,6 +230,7 @@ class _EndpointHandler(BaseHTTPRequestHandler):
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
+        self.send_header(ENDPOINT_PID_HEADER, str(os.getpid()))
         self.end_headers()
         self.wfile.write(body)
 
