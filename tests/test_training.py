@@ -772,6 +772,29 @@ def test_an_endpoint_that_does_not_name_its_process_is_replaced(trained_job, tmp
         old.wait()
 
 
+def test_a_reply_cut_short_is_an_unavailable_endpoint(tmp_path):
+    """An endpoint stopped while it writes its answer (replaced under the run calling it) leaves a short body: the run
+    may score another way, as for a refused connection."""
+    import http.server
+
+    class CutShort(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self.send_response(200)
+            self.send_header("Content-Length", "1000")
+            self.end_headers()
+            self.wfile.write(b"PAR1")  # then the connection closes
+
+        def log_message(self, *args):
+            pass
+
+    with http.server.HTTPServer(("127.0.0.1", 0), CutShort) as server:
+        threading.Thread(target=server.handle_request, daemon=True).start()
+        endpoint = Endpoint("cut", f"http://127.0.0.1:{server.server_address[1]}", os.getpid(), "running", "", "")
+        with pytest.raises(EndpointUnavailable, match="IncompleteRead"):
+            LocalSageMaker(work_root=str(tmp_path)).invoke(endpoint, pd.DataFrame({"user_id": ["u1"]}))
+
+
 def test_cli_lists_and_stops_endpoints(trained_job, tmp_path, monkeypatch, capsys):
     from automl_assets.cli import main
 
