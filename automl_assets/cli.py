@@ -32,13 +32,49 @@ def _parse_time(text: str) -> datetime:
     return moment.replace(tzinfo=timezone.utc) if moment.tzinfo is None else moment.astimezone(timezone.utc)
 
 
+def _parse_hour(text: str) -> datetime:
+    """An hour given as its partition key (2026-03-01-23:00) or in ISO form (2026-03-01T23:00), UTC, on the hour."""
+    from automl_assets.core.timewin import hour_from_key
+
+    try:
+        hour = hour_from_key(text)
+    except ValueError:
+        try:
+            hour = _parse_time(text)
+        except ValueError:
+            hour = None
+    if hour is None or hour.minute or hour.second or hour.microsecond:
+        raise ValueError(f"{text!r} is not an hour: give its partition key, e.g. 2026-03-01-23:00 (or 2026-03-01T23:00), UTC, on the hour")
+    return hour
+
+
+def _partition_hours(first: str, last: str | None = None) -> list[datetime]:
+    """The hours from `first` to `last` (inclusive), each a partition that is over, checked before any run starts."""
+    from automl_assets.core.timewin import HOUR, hour_key, hours_between, last_ended_hour
+    from automl_assets.partitions import FIRST_HOUR
+
+    start = _parse_hour(first)
+    end = _parse_hour(last) if last else start
+    if end < start:
+        raise ValueError(f"the last hour {hour_key(end)} is before the first {hour_key(start)}: give them in order")
+    newest = last_ended_hour(datetime.now(timezone.utc))
+    if end > newest:
+        raise ValueError(
+            f"hour {hour_key(end)} is not over yet (UTC): the newest hour that can run is {hour_key(newest)}; the "
+            "hour under way is ingested and scored by the hourly schedule once it ends"
+        )
+    if start < _parse_hour(FIRST_HOUR):
+        raise ValueError(f"hour {hour_key(start)} is before the first partition, {FIRST_HOUR}")
+    return hours_between(start, end + HOUR)
+
+
 def cmd_register(args) -> int:
     from automl_assets.core.spec import load_spec
     from automl_assets.predictions import register_prediction
 
     spec = load_spec(args.spec)
     added = register_prediction(_instance(), _storage(), spec)
-    print(f"{'registered' if added else 'updated'} prediction '{spec.name}' ({spec.description or spec.outcome.event})")
+    print(f"{'registered' if added else 'updated'} prediction '{spec.name}' ({spec.description or spec.outcome.describe()})")
     return 0
 
 
@@ -52,7 +88,10 @@ def cmd_ingest(args) -> int:
     from automl_assets.runs import run_event_store
 
     storage = _storage()
-    mapping = ColumnMapping.from_dict(json.loads(args.mapping)) if args.mapping else None
+    try:
+        mapping = ColumnMapping.from_dict(json.loads(args.mapping)) if args.mapping else None
+    except json.JSONDecodeError as error:
+        raise ValueError(f"--mapping is not valid JSON ({error}): give an object, e.g. '{{\"user_id\": \"uid\"}}'") from None
     hours = set()
     for source in map(Path, args.paths):
         manifest = event_store.stage_file(storage, source, args.format, mapping)
@@ -61,7 +100,10 @@ def cmd_ingest(args) -> int:
         # half copied, or one without its mapping.
         folder = Path(storage.path(*layout.landing(), manifest["digest"]))
         folder.mkdir(parents=True, exist_ok=True)
-        if mapping:
+        if not manifest["newly_staged"]:
+            # Staging is keyed by the file's bytes: its stored events and kept mapping stay those of its first ingest.
+            print(f"{source}: staged before (same bytes), so it is not parsed again; the mapping and format given now are not applied")
+        elif mapping:
             (folder / event_store.MAPPING_FILE).write_text(args.mapping)
         hidden = folder / f".{source.name}.tmp"
         shutil.copy2(source, hidden)
@@ -120,34 +162,34 @@ def _registered(storage, predictions: list[str]) -> list[str]:
 
 
 def cmd_materialize(args) -> int:
-    from automl_assets.core.timewin import hour_from_key
+    from automl_assets.core.timewin import hour_key
     from automl_assets.runs import run_prediction
     from schedules import retrain_due
 
     storage = _storage()
     _registered(storage, [args.prediction])
-    hour = hour_from_key(args.hour)
+    [hour] = _partition_hours(args.hour)
     # As the automation decides: train first only when no model is in force or the cadence is due at this hour.
     train = args.train or retrain_due(storage, args.prediction, hour)
     result = run_prediction(_instance(), args.prediction, hour, args.scope, train=train)
     done = "trained and scored" if train else "scored with the model in force"
-    print(f"run {result.run_id} succeeded for {args.prediction} at {args.hour}: {done}")
+    print(f"run {result.run_id} succeeded for {args.prediction} at {hour_key(hour)}: {done}")
     return 0
 
 
 def cmd_backfill(args) -> int:
-    from automl_assets.core.timewin import HOUR, hour_from_key, hours_between
+    from automl_assets.core.timewin import HOUR
     from automl_assets.predictions import active_predictions
     from automl_assets.runs import run_event_store, run_prediction
     from schedules import retrain_due
 
     instance, storage = _instance(), _storage()
     predictions = _registered(storage, args.prediction) if args.prediction else active_predictions(storage)
-    start, end = hour_from_key(args.start), hour_from_key(args.end) + HOUR
-    run_event_store(instance, start, end)
-    print(f"event store: {len(hours_between(start, end))} hours in one run")
+    hours = _partition_hours(args.start, args.end)
+    run_event_store(instance, hours[0], hours[-1] + HOUR)
+    print(f"event store: {len(hours)} hours in one run")
     for prediction in predictions:
-        for hour in hours_between(start, end):
+        for hour in hours:
             train = retrain_due(storage, prediction, hour)
             run_prediction(instance, prediction, hour, args.scope, train=train)
             print(f"{prediction} at {hour.strftime('%Y-%m-%d-%H:%M')}: {'trained and scored' if train else 'scored'}")
@@ -167,7 +209,10 @@ def latest_scores_for(storage, user_id: str, prediction: str | None = None) -> p
 
 
 def cmd_scores(args) -> int:
-    found = latest_scores_for(_storage(), args.user, args.prediction)
+    storage = _storage()
+    if args.prediction:
+        _registered(storage, [args.prediction])
+    found = latest_scores_for(storage, args.user, args.prediction)
     if found.empty:
         print(f"no scores for user {args.user!r}" + (f" in {args.prediction}" if args.prediction else ""))
         return 1
@@ -216,6 +261,8 @@ def cmd_endpoints(args) -> int:
             return 2
         for name in names:
             print(f"{name}: {'stopped' if sagemaker.delete_endpoint(name) else 'was not running'}")
+        if not names:
+            print("no endpoint was deployed")
         return 0
     endpoints = sagemaker.list_endpoints()
     for endpoint in endpoints:
@@ -258,8 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
         "materialize", help="score a prediction for one hour partition, training first when no model is in force or a retrain is due"
     )
     materialize.add_argument("prediction")
-    materialize.add_argument("hour", help="hour partition key, e.g. 2026-03-01-23:00")
-    materialize.add_argument("--scope", choices=["auto", "active", "cohort"], default="auto")
+    materialize.add_argument("hour", help="hour partition key, e.g. 2026-03-01-23:00 (UTC; ISO 2026-03-01T23:00 too)")
+    materialize.add_argument("--scope", choices=["auto", "active", "cohort"], default="auto", help="which users to score: `active` (those active in the hour), `cohort` (everyone in the cohort), or `auto` (the whole cohort for the hour ending at midnight UTC, the active users otherwise)")
     materialize.add_argument("--train", action="store_true", help="retrain at this hour even when not due")
     materialize.set_defaults(func=cmd_materialize)
 
@@ -267,7 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
     backfill.add_argument("start", help="first hour partition key, e.g. 2026-03-01-00:00")
     backfill.add_argument("end", help="last hour partition key (inclusive)")
     backfill.add_argument("--prediction", action="append", help="limit to these predictions (repeatable)")
-    backfill.add_argument("--scope", choices=["auto", "active", "cohort"], default="auto")
+    backfill.add_argument("--scope", choices=["auto", "active", "cohort"], default="auto", help="which users to score: `active` (those active in the hour), `cohort` (everyone in the cohort), or `auto` (the whole cohort for the hour ending at midnight UTC, the active users otherwise)")
     backfill.set_defaults(func=cmd_backfill)
 
     evaluate = commands.add_parser("evaluate", help="out-of-time backtest of a spec on a canonical events file")

@@ -36,10 +36,30 @@ def _job(name: str) -> dg.JobDefinition:
     return defs.resolve_job_def(name)
 
 
+def failure_reasons(result: dg.ExecuteInProcessResult) -> list[str]:
+    """Why a run failed, in words one can act on: each failed blocking check's description, and each failed step's
+    own error (a dg.Failure's description, else the innermost exception) rather than Dagster's wrapper around it."""
+    reasons = [
+        f"check {evaluation.check_name} of {evaluation.asset_key.to_user_string()}: {evaluation.description}"
+        for evaluation in result.get_asset_check_evaluations()
+        if evaluation.blocking and not evaluation.passed
+    ]
+    for event in result.all_events:
+        if not event.is_step_failure:
+            continue
+        data, error = event.step_failure_data, event.step_failure_data.error
+        while error.cause:
+            error = error.cause
+        if error.cls_name == "DagsterAssetCheckFailedError" and reasons:
+            continue  # the checks above say why
+        described = data.user_failure_data.description if data.user_failure_data else None
+        reasons.append(f"step {event.step_key}: {described or error.message.strip()}")
+    return reasons or [event.message for event in result.all_events if event.is_run_failure and event.message]
+
+
 def raise_on_failure(result: dg.ExecuteInProcessResult, what: str) -> dg.ExecuteInProcessResult:
     if not result.success:
-        failures = [event.message for event in result.all_events if event.is_step_failure or event.is_run_failure]
-        raise RuntimeError(f"{what} failed: {' / '.join(m for m in failures if m)}")
+        raise RuntimeError(f"{what} failed: {' / '.join(failure_reasons(result))}")
     return result
 
 

@@ -142,6 +142,10 @@ def test_ingest_materialises_the_hours_that_are_partitions_and_over(env, tmp_pat
     with dg.DagsterInstance.get() as instance:
         assert sorted(instance.get_materialized_partitions(dg.AssetKey("events"))) == ["2026-03-01-05:00", "2026-03-01-06:00", "2026-03-01-07:00"]
     assert [path.name for path in env.base.glob("landing/*/*")] == ["export.json"]
+    # The same bytes again, with a mapping: not parsed again, and said so; the kept folder is unchanged.
+    assert main(["ingest", str(source), "--mapping", '{"user_id": "uid"}']) == 0
+    assert "staged before (same bytes), so it is not parsed again" in capsys.readouterr().out
+    assert [path.name for path in env.base.glob("landing/*/*")] == ["export.json"]
 
 
 def test_materialize_trains_only_when_due_or_asked(env, monkeypatch, capsys):
@@ -172,6 +176,26 @@ def test_mistakes_get_an_error_that_says_what_to_do_before_any_run(env, tmp_path
         assert instance.get_run_records() == []  # the event store did not run first
     assert main(["ingest", str(tmp_path / "missing.csv")]) == 2
     assert "missing.csv" in capsys.readouterr().err
+    assert main(["ingest", str(tmp_path / "missing.csv"), "--mapping", '{"user_id": uid}']) == 2
+    assert "--mapping is not valid JSON" in capsys.readouterr().err
+
+    # Hours: a partition key or ISO, on the hour, in order, and over (the hour under way is the schedule's).
+    assert main(["register", str(SAMPLE)]) == 0
+    assert main(["scores", "u1", "--prediction", "typo"]) == 2
+    assert "no registered prediction named typo" in capsys.readouterr().err
+    under_way = datetime.now(timezone.utc).strftime("%Y-%m-%d-%H:00")
+    for argv, says in [
+        (["materialize", "purchase_7d", "2026-03-01-23:30"], "'2026-03-01-23:30' is not an hour: give its partition key"),
+        (["materialize", "purchase_7d", "yesterday"], "'yesterday' is not an hour"),
+        (["materialize", "purchase_7d", under_way], f"hour {under_way} is not over yet (UTC): the newest hour that can run is"),
+        (["materialize", "purchase_7d", "2024-12-31T23:00"], "hour 2024-12-31-23:00 is before the first partition"),
+        (["backfill", "2026-03-01-06:00", "2026-03-01-05:00"], "the last hour 2026-03-01-05:00 is before the first 2026-03-01-06:00"),
+        (["backfill", "2026-03-01-05:00", under_way], "is not over yet"),
+    ]:
+        assert main(argv) == 2, argv
+        assert says in capsys.readouterr().err, argv
+    with dg.DagsterInstance.get() as instance:
+        assert instance.get_run_records() == []  # no hour checked above started a run
 
     # Endpoints are stopped by prediction or endpoint name; an unknown name is an error, not "was not running".
     monkeypatch.setenv("AUTOML_SAGEMAKER_ROOT", str(tmp_path / "sagemaker"))
@@ -199,3 +223,16 @@ def test_the_demo_keeps_one_history_per_store(tmp_path):
     for other in ({"users": 500}, {"end": utc(2026, 3, 9)}):
         with pytest.raises(ValueError, match="would mix two histories of the same users"):
             demo_history(landing, **({"users": 3000, "weeks": 10, "seed": 7, "end": None} | other))
+
+
+def test_a_failed_run_says_why_in_the_terminal(env, capsys):
+    """The reason a run failed (a step's dg.Failure, a blocking check's description) ends the error line, not
+    Dagster's 'Execution of step ... failed'."""
+    start = utc(2026, 3, 1, 5)
+    write_events(env, events_table([{"user_id": "u1", "event_type": "view", "event_time": start}]))
+    assert main(["register", str(SAMPLE)]) == 0
+    assert main(["materialize", "purchase_7d", "2026-03-01-05:00"]) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("error: prediction_job run for purchase_7d at 2026-03-01-05:00 failed: step ")
+    assert "step cohort: the training cohort of purchase_7d as of 2026-02-22T06:00:00+00:00 is empty" in error
+    assert "Execution of step" not in error

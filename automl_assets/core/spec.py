@@ -30,6 +30,11 @@ class Outcome(_Strict):
     where: dict[str, str] = Field(default_factory=dict)
     sum: Literal["revenue"] | None = None
 
+    def describe(self) -> str:
+        if self.sum:
+            return f"sum of {self.sum}"
+        return self.event + "".join(f", {key}={value}" for key, value in sorted(self.where.items()))
+
     @model_validator(mode="after")
     def _one_kind(self):
         if (self.event is None) == (self.sum is None):
