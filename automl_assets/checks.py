@@ -65,7 +65,9 @@ def training_eligibility(train: pd.DataFrame, history_start, needed_from) -> dg.
         problems.append(
             f"the newest training snapshot ({len(newest)} users, the label window calibration and the promotion gate "
             f"use) has {positives} positives and {negatives} negatives; at least {quality.MIN_POSITIVES} of each are "
-            "needed (widen the cohort or the horizon, or wait for more data)"
+            "needed ("
+            + ("no positive at all: check the outcome's event name and filter against the events' names, or " if not positives else "")
+            + "widen the cohort or the horizon, or wait for more data)"
         )
     if history_start is None or history_start > needed_from:
         problems.append(

@@ -68,13 +68,42 @@ def _partition_hours(first: str, last: str | None = None) -> list[datetime]:
     return hours_between(start, end + HOUR)
 
 
+# How far back `register` looks for the outcome event: a misspelt one would otherwise show only as a failed training.
+OUTCOME_SEEN_WITHIN_WEEKS = 4
+
+
+def _unseen_outcome(storage, event: str) -> str | None:
+    """A warning when the store has events but none named `event` in its newest weeks."""
+    from automl_assets.core import event_store
+    from automl_assets.core.timewin import HOUR, WEEK, hours_between
+    from resources.environments import resources_for_env
+
+    newest = event_store.newest_stored_hour(storage)
+    if newest is None:
+        return None  # registered before any data: nothing to compare with
+    end = newest + HOUR
+    sql = resources_for_env()["engine"].engine()
+    sql.register_rollups(storage, hours_between(end - OUTCOME_SEEN_WITHIN_WEEKS * WEEK, end))
+    counts = sql.to_pandas("SELECT event_type, SUM(n) AS n FROM counts GROUP BY event_type ORDER BY n DESC, event_type")
+    if event in set(counts["event_type"]):
+        return None
+    common = ", ".join(counts["event_type"].head(10)) or "none"
+    return (
+        f"warning: no '{event}' event in the {OUTCOME_SEEN_WITHIN_WEEKS} weeks before {end.isoformat()} (most frequent: "
+        f"{common}); if the outcome's event name is misspelt, fix the spec and register it again, or training will "
+        "find no positives"
+    )
+
+
 def cmd_register(args) -> int:
     from automl_assets.core.spec import load_spec
     from automl_assets.predictions import register_prediction
 
-    spec = load_spec(args.spec)
-    added = register_prediction(_instance(), _storage(), spec)
+    spec, storage = load_spec(args.spec), _storage()
+    added = register_prediction(_instance(), storage, spec)
     print(f"{'registered' if added else 'updated'} prediction '{spec.name}' ({spec.description or spec.outcome.describe()})")
+    if spec.outcome.event and (warning := _unseen_outcome(storage, spec.outcome.event)):
+        print(warning, file=sys.stderr)
     return 0
 
 

@@ -43,6 +43,17 @@ def test_register_adds_the_partition_and_stores_the_spec(env, capsys):
     assert "updated prediction 'purchase_7d'" in capsys.readouterr().out
 
 
+def test_register_warns_when_the_outcome_event_is_not_in_the_store(env, tmp_path, capsys):
+    """A misspelt outcome event would otherwise show only as a training run with no positives."""
+    start = utc(2026, 3, 1, 5)
+    write_events(env, events_table([{"user_id": "u1", "event_type": name, "event_time": start} for name in ("view", "purchse")]))
+    assert main(["register", str(SAMPLE)]) == 0  # outcome: purchase
+    assert "warning: no 'purchase' event in the 4 weeks before 2026-03-01T06:00:00+00:00 (most frequent: purchse, view)" in capsys.readouterr().err
+    write_events(env, events_table([{"user_id": "u1", "event_type": "purchase", "event_time": start}]))
+    assert main(["register", str(SAMPLE)]) == 0
+    assert capsys.readouterr().err == ""
+
+
 def test_register_rejects_a_bad_spec_with_its_reasons(env, tmp_path, capsys):
     bad = tmp_path / "x.yaml"
     bad.write_text("name: x\noutcome: {event: buy}\nhorizon: 7 days\n")
