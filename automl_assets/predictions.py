@@ -23,8 +23,18 @@ def store_spec(storage, spec: PredictionSpec) -> None:
     storage.write_bytes(spec.to_yaml().encode(), *layout.spec_file(spec.name))
 
 
+def require_supported(spec: PredictionSpec) -> None:
+    """Refuse, before it is registered, a valid spec no run could train: it would fail every hour."""
+    if not spec.outcome.is_classification:
+        raise SpecError(
+            f"{spec.name}: outcome.sum (a regression target) is not supported yet, so it is not registered; use "
+            "`outcome: {event: ...}`"
+        )
+
+
 def register_prediction(instance: dg.DagsterInstance, storage, spec: PredictionSpec) -> bool:
     """Store the spec and add its name to the prediction partitions; True when the name is new."""
+    require_supported(spec)
     store_spec(storage, spec)
     if instance.has_dynamic_partition(PREDICTION, spec.name):
         return False

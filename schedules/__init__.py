@@ -35,6 +35,7 @@ from automl_assets.predictions import (
     active_predictions,
     model_in_force,
     recorded_scope,
+    require_supported,
     retire_prediction,
     store_spec,
     stored_spec,
@@ -198,6 +199,7 @@ def prediction_specs(context: dg.SensorEvaluationContext, storage: LocalStorage,
             continue
         try:
             spec = load_spec(path)
+            require_supported(spec)
         except SpecError as error:
             notes.append(str(error))
             continue

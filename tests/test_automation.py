@@ -97,10 +97,13 @@ def test_spec_sensor_reports_an_invalid_spec_and_registers_nothing(tmp_path, sto
     folder = tmp_path / "specs"
     folder.mkdir()
     (folder / "bad.yaml").write_text("name: bad\noutcome: {event: x}\nhorizon: soon\n")
+    (folder / "revenue.yaml").write_text("name: revenue\noutcome: {sum: revenue}\nhorizon: 7d\n")  # valid, not trainable
     with dg.instance_for_test() as instance:
         result = prediction_specs(sensor_context(instance, store_with_events, folder=folder))
     assert not result.run_requests and not result.dynamic_partitions_requests
     assert "horizon: 'soon' is not a duration" in result.skip_reason.skip_message
+    assert "revenue: outcome.sum (a regression target) is not supported yet" in result.skip_reason.skip_message
+    assert not store_with_events.exists(*layout.spec_file("revenue"))
 
 
 def test_hourly_schedule_ingests_the_hour_that_just_ended():

@@ -59,6 +59,14 @@ def test_register_rejects_a_bad_spec_with_its_reasons(env, tmp_path, capsys):
     bad.write_text("name: x\noutcome: {event: buy}\nhorizon: 7 days\n")
     assert main(["register", str(bad)]) == 2
     assert "horizon: '7 days' is not a duration" in capsys.readouterr().err
+    # Valid, but no run could train it: refused rather than failing every hour.
+    revenue = tmp_path / "revenue_7d.yaml"
+    revenue.write_text("name: revenue_7d\noutcome: {sum: revenue}\nhorizon: 7d\n")
+    assert main(["register", str(revenue)]) == 2
+    assert "revenue_7d: outcome.sum (a regression target) is not supported yet, so it is not registered" in capsys.readouterr().err
+    with dg.DagsterInstance.get() as instance:
+        assert not instance.has_dynamic_partition("prediction", "revenue_7d")
+    assert not env.exists(*layout.spec_file("revenue_7d"))
 
 
 def test_scores_prints_a_users_latest_scores(env, capsys):
