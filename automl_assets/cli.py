@@ -73,21 +73,25 @@ OUTCOME_SEEN_WITHIN_WEEKS = 4
 
 
 def _unseen_outcome(storage, event: str) -> str | None:
-    """A warning when the store has events but none named `event` in its newest weeks."""
-    from automl_assets.core import event_store
+    """A warning when the store has events but none named `event` in its newest weeks. Their event_type column is read
+    straight from the hour files: no engine (a Spark session) is started for a warning."""
+    import pyarrow.dataset as ds
+
+    from automl_assets.core import event_store, layout
+    from automl_assets.core.spark_jobs import existing_hour_paths
     from automl_assets.core.timewin import HOUR, WEEK, hours_between
-    from resources.environments import resources_for_env
 
     newest = event_store.newest_stored_hour(storage)
     if newest is None:
         return None  # registered before any data: nothing to compare with
     end = newest + HOUR
-    sql = resources_for_env()["engine"].engine()
-    sql.register_rollups(storage, hours_between(end - OUTCOME_SEEN_WITHIN_WEEKS * WEEK, end))
-    counts = sql.to_pandas("SELECT event_type, SUM(n) AS n FROM counts GROUP BY event_type ORDER BY n DESC, event_type")
-    if event in set(counts["event_type"]):
+    hours = hours_between(end - OUTCOME_SEEN_WITHIN_WEEKS * WEEK, end)
+    paths = existing_hour_paths(storage, layout.events_root(), hours, ("events.parquet",))
+    types = ds.dataset(paths, format="parquet").to_table(columns=["event_type"]).column("event_type")
+    counts = types.to_pandas().value_counts()
+    if event in counts.index:
         return None
-    common = ", ".join(counts["event_type"].head(10)) or "none"
+    common = ", ".join(sorted(counts.index, key=lambda name: (-counts[name], name))[:10]) or "none"
     return (
         f"warning: no '{event}' event in the {OUTCOME_SEEN_WITHIN_WEEKS} weeks before {end.isoformat()} (most frequent: "
         f"{common}); if the outcome's event name is misspelt, fix the spec and register it again, or training will "
