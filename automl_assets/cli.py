@@ -10,6 +10,10 @@ from pathlib import Path
 import pandas as pd
 
 DEFAULT_DAGSTER_HOME = ".dagster_home"
+SCOPE_HELP = (
+    "which users to score: `active` (those active in the hour), `cohort` (everyone in the cohort), or `auto` (the "
+    "whole cohort for the hour ending at midnight UTC, the active users otherwise)"
+)
 
 
 def _instance():
@@ -50,7 +54,7 @@ def _parse_hour(text: str) -> datetime:
 
 def _partition_hours(first: str, last: str | None = None) -> list[datetime]:
     """The hours from `first` to `last` (inclusive), each a partition that is over, checked before any run starts."""
-    from automl_assets.core.timewin import HOUR, hour_key, hours_between, last_ended_hour
+    from automl_assets.core.timewin import HOUR, hour_from_key, hour_key, hours_between, last_ended_hour
     from automl_assets.partitions import FIRST_HOUR
 
     start = _parse_hour(first)
@@ -63,7 +67,7 @@ def _partition_hours(first: str, last: str | None = None) -> list[datetime]:
             f"hour {hour_key(end)} is not over yet (UTC): the newest hour that can run is {hour_key(newest)}; the "
             "hour under way is ingested and scored by the hourly schedule once it ends"
         )
-    if start < _parse_hour(FIRST_HOUR):
+    if start < hour_from_key(FIRST_HOUR):
         raise ValueError(f"hour {hour_key(start)} is before the first partition, {FIRST_HOUR}")
     return hours_between(start, end + HOUR)
 
@@ -75,6 +79,7 @@ OUTCOME_SEEN_WITHIN_WEEKS = 4
 def _unseen_outcome(storage, event: str) -> str | None:
     """A warning when the store has events but none named `event` in its newest weeks. Their event_type column is read
     straight from the hour files: no engine (a Spark session) is started for a warning."""
+    import pyarrow.compute as pc
     import pyarrow.dataset as ds
 
     from automl_assets.core import event_store, layout
@@ -88,10 +93,11 @@ def _unseen_outcome(storage, event: str) -> str | None:
     hours = hours_between(end - OUTCOME_SEEN_WITHIN_WEEKS * WEEK, end)
     paths = existing_hour_paths(storage, layout.events_root(), hours, ("events.parquet",))
     types = ds.dataset(paths, format="parquet").to_table(columns=["event_type"]).column("event_type")
-    counts = types.to_pandas().value_counts()
-    if event in counts.index:
+    names, numbers = pc.value_counts(types).flatten()  # counted by Arrow: a Python string per event type, not per event
+    counts = dict(zip(names.to_pylist(), numbers.to_pylist()))
+    if event in counts:
         return None
-    common = ", ".join(sorted(counts.index, key=lambda name: (-counts[name], name))[:10]) or "none"
+    common = ", ".join(sorted(counts, key=lambda name: (-counts[name], name))[:10]) or "none"
     return (
         f"warning: no '{event}' event in the {OUTCOME_SEEN_WITHIN_WEEKS} weeks before {end.isoformat()} (most frequent: "
         f"{common}); if the outcome's event name is misspelt, fix the spec and register it again, or training will "
@@ -339,7 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     materialize.add_argument("prediction")
     materialize.add_argument("hour", help="hour partition key, e.g. 2026-03-01-23:00 (UTC; ISO 2026-03-01T23:00 too)")
-    materialize.add_argument("--scope", choices=["auto", "active", "cohort"], default="auto", help="which users to score: `active` (those active in the hour), `cohort` (everyone in the cohort), or `auto` (the whole cohort for the hour ending at midnight UTC, the active users otherwise)")
+    materialize.add_argument("--scope", choices=["auto", "active", "cohort"], default="auto", help=SCOPE_HELP)
     materialize.add_argument("--train", action="store_true", help="retrain at this hour even when not due")
     materialize.set_defaults(func=cmd_materialize)
 
@@ -347,7 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
     backfill.add_argument("start", help="first hour partition key, e.g. 2026-03-01-00:00")
     backfill.add_argument("end", help="last hour partition key (inclusive)")
     backfill.add_argument("--prediction", action="append", help="limit to these predictions (repeatable)")
-    backfill.add_argument("--scope", choices=["auto", "active", "cohort"], default="auto", help="which users to score: `active` (those active in the hour), `cohort` (everyone in the cohort), or `auto` (the whole cohort for the hour ending at midnight UTC, the active users otherwise)")
+    backfill.add_argument("--scope", choices=["auto", "active", "cohort"], default="auto", help=SCOPE_HELP)
     backfill.set_defaults(func=cmd_backfill)
 
     evaluate = commands.add_parser("evaluate", help="out-of-time backtest of a spec on a canonical events file")
